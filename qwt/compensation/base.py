@@ -1,0 +1,53 @@
+"""What every stage-2 method receives, and the accounting of what it adds."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..models.base import ModelAdapter
+from ..quant.modules import _QuantWeighted
+
+
+@dataclass
+class CompContext:
+    """adapter: the quantized model (changed in place). fp_adapter: the float model (teacher /
+    targets). calib(n, transform, batch_size, shard) -> list of (x, y) batches. train_batches(
+    batch_size) -> iterable over the training set (one epoch)."""
+
+    adapter: ModelAdapter
+    fp_adapter: ModelAdapter
+    calib: Callable
+    train_batches: Callable
+    device: torch.device
+    log: Callable = print
+    info: dict = field(default_factory=dict)
+
+
+def extra_params(model: nn.Module) -> int:
+    """Parameters a compensation added to the deployed model (0 for folded QwT-v2)."""
+    total = 0
+    for m in model.modules():
+        if hasattr(m, "extra_param_count"):
+            total += int(m.extra_param_count())
+    return total
+
+
+def model_size_mb(model: nn.Module) -> float:
+    """Quantized weights at their bit-width, compensation weights at 16 bits, the rest at 32."""
+    bits = 0
+    seen = set()
+    for m in model.modules():
+        if isinstance(m, _QuantWeighted) and m.w_quant is not None and m.w_on:
+            bits += m.weight.numel() * m.w_quant.spec.bits
+            seen.add(id(m.weight))
+        if hasattr(m, "compensation_parameters"):
+            for p in m.compensation_parameters():
+                bits += p.numel() * 16
+                seen.add(id(p))
+    for p in model.parameters():
+        if id(p) not in seen:
+            bits += p.numel() * 32
+    return bits / 8 / 2**20

@@ -1,0 +1,61 @@
+"""QwT*: QwT, then train only the compensation branches and the classifier for ``epochs`` over the
+training set with cross-entropy + ``mse_weight`` x MSE(quantized pre-head features, float
+pre-head features); AdamW, weight decay 0, constant lr (reference default 5e-7), no mixup."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .. import dist
+from ..quant import set_quant_state
+from . import qwt
+from .base import CompContext
+
+
+def apply(ctx: CompContext, cfg: dict) -> dict:
+    adapter, fp = ctx.adapter, ctx.fp_adapter
+    info = {}
+    if not any(isinstance(m, qwt.QwTBlock) for m in adapter.model.modules()):
+        info["qwt"] = qwt.apply(ctx, cfg["qwt"])
+    params = [p for m in adapter.model.modules() if isinstance(m, qwt.QwTBlock) for p in m.branch.parameters()]
+    for name in adapter.classifier_names():
+        params += list(adapter.get(name).parameters())
+    trainable = {id(p) for p in params}
+    for p in adapter.model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    for m in adapter.model.modules():  # the classifier's latent weights train; keep the float path fixed
+        if hasattr(m, "detach_fp") and any(id(p) in trainable for p in m.parameters(recurse=False)):
+            m.detach_fp()
+    opt = torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg.get("weight_decay", 0.0)))
+    set_quant_state(adapter.model, True, True)
+    adapter.model.eval()  # BN / dropout in inference mode: only the chosen parameters change
+    losses = []
+    for _ in range(int(cfg["epochs"])):
+        for x, y in tqdm(ctx.train_batches(int(cfg["batch_size"])), desc="qwt*", disable=not dist.is_main(), leave=False):
+            with torch.no_grad():
+                f_fp = fp.pre_logits(_run_units(fp, x))
+            h = _run_units(adapter, x)
+            f_q = adapter.pre_logits(h)
+            logits = adapter.head(h)
+            loss = F.cross_entropy(logits, y) + float(cfg["mse_weight"]) * F.mse_loss(f_q, f_fp)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce_sum(p.grad)
+                    p.grad /= dist.world()
+            opt.step()
+            losses.append(float(loss.detach()))
+    for p in adapter.model.parameters():
+        p.requires_grad_(True)
+    info.update(trainable_params=sum(p.numel() for p in params), steps=len(losses),
+                loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None)
+    return info
+
+
+def _run_units(adapter, x):
+    h = adapter.stem(x)
+    for u in adapter.units():
+        h = adapter.run_unit(u, h)
+    return h

@@ -1,0 +1,121 @@
+"""Build the float model named by the model config: timm hub / local checkpoints, or the
+embedded models trained here on scikit-learn's digits."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..tasks.classification import ConfigError
+
+
+def disable_fused_attention(model: nn.Module) -> nn.Module:
+    """Make timm attention run its explicit matmuls, so FP and 'quantization off' compute the same ops."""
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    return model
+
+
+def build_model(model_cfg: dict, log=print) -> nn.Module:
+    source = model_cfg["source"]
+    if source == "embedded":
+        model = load_or_train_embedded(model_cfg, log=log)
+    elif source == "timm":
+        model = build_timm(model_cfg)
+    else:
+        raise ConfigError(f"model.source={source!r} is unknown: use 'timm' or 'embedded'")
+    return disable_fused_attention(model.eval())
+
+
+def build_timm(model_cfg: dict) -> nn.Module:
+    import timm
+
+    name, ckpt = model_cfg["timm_name"], model_cfg.get("checkpoint")
+    if ckpt:
+        if not os.path.isfile(str(ckpt)):
+            raise ConfigError(f"model.checkpoint={ckpt} does not exist: give the path of a {name} weights file (.pth/.safetensors/.bin)")
+        model = timm.create_model(name, pretrained=False, num_classes=model_cfg.get("num_classes", 1000))
+        timm.models.load_checkpoint(model, str(ckpt))
+        return model
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as e:  # no network / hub unreachable / not cached
+        raise ConfigError(
+            f"could not load pretrained weights of timm model '{name}' from the hub ({type(e).__name__}: {str(e)[:200]}). "
+            f"Without network, download the weights elsewhere and set model.checkpoint=/path/to/{name}.safetensors"
+        ) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# embedded models
+
+
+def embedded_arch(model_cfg: dict) -> nn.Module:
+    kw = dict(model_cfg["kwargs"])
+    if model_cfg["arch"] == "vit":
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(**kw)
+    if model_cfg["arch"] == "resnet":
+        from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+
+        block = {"basic": BasicBlock, "bottleneck": Bottleneck}[kw.pop("block", "basic")]
+        kw["channels"] = tuple(kw["channels"])
+        return ResNet(block=block, **kw)
+    raise ConfigError(f"model.arch={model_cfg['arch']!r} is unknown for embedded models: use vit or resnet")
+
+
+def embedded_cache_path(model_cfg: dict) -> Path:
+    key = json.dumps({k: model_cfg[k] for k in ("arch", "kwargs", "train", "input_size")}, sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    cache = Path(os.path.expanduser(str(model_cfg.get("cache_dir") or "~/.cache/qwt")))
+    return cache / f"{model_cfg['name']}-{digest}.pt"
+
+
+def load_or_train_embedded(model_cfg: dict, log=print) -> nn.Module:
+    path = embedded_cache_path(model_cfg)
+    model = embedded_arch(model_cfg)
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model
+    log(f"[qwt] training embedded model {model_cfg['name']} (once; cached at {path})")
+    t0 = time.time()
+    train_embedded(model, model_cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    log(f"[qwt] trained {model_cfg['name']} in {time.time() - t0:.1f}s")
+    return model
+
+
+def train_embedded(model: nn.Module, model_cfg: dict) -> None:
+    """Deterministic training on the digits training split (AdamW, cosine, label smoothing)."""
+    from torch.utils.data import DataLoader
+
+    from ..tasks.classification import DigitsDataset, digits_split
+
+    tc = model_cfg["train"]
+    torch.manual_seed(int(tc["seed"]))
+    (xtr, ytr), _ = digits_split()
+    ds = DigitsDataset(xtr, ytr, int(model_cfg["input_size"][-1]), train_aug=True, seed=int(tc["seed"]))
+    loader = DataLoader(ds, batch_size=int(tc["batch_size"]), shuffle=True, generator=torch.Generator().manual_seed(int(tc["seed"])))
+    opt = torch.optim.AdamW(model.parameters(), lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
+    steps = int(tc["epochs"]) * len(loader)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(tc["lr"]), total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in range(int(tc["epochs"])):
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()

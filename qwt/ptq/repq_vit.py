@@ -1,0 +1,70 @@
+"""RepQ-ViT (ICCV 2023), the ViT / Swin baseline of QwT.
+
+- Uniform asymmetric quantizers with the percentile search (p in {0.999, 0.9999, 0.99999}).
+  Weights per output channel, activations per tensor.
+- Inputs of Linears fed by a LayerNorm (qkv, fc1, Swin's reduction) are first calibrated per
+  channel (delta_c, z_c), then reparameterized to one per-tensor quantizer:
+    delta~ = mean delta_c, z~ = round(mean z_c), r_c = delta_c / delta~,
+    beta_c = min_c / r_c - min~   (min_c = -z_c delta_c, min~ = -z~ delta~)
+  folded into the LayerNorm (gamma_c <- gamma_c / r_c, b_c <- b_c / r_c - beta_c) and into the
+  next Linear (W[:, c] <- W[:, c] r_c, bias <- bias + W (r * beta)), then weight scales are
+  re-calibrated. In float this is an exact identity (tests/test_repq_vit.py).
+- Post-softmax attention probabilities: log-sqrt2 quantizer; q, k, v: per-tensor uniform.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..quant import QuantSpec
+from ..quant.modules import Quantizer
+from .common import MethodSpecs
+
+
+def specs(w_bits: int, a_bits: int, keep_8bit: bool = True, **_) -> MethodSpecs:
+    act = QuantSpec(bits=a_bits, estimator="percentile_search")
+    return MethodSpecs(
+        weight=QuantSpec(bits=w_bits, granularity="channel", axis=0, estimator="percentile_search"),
+        act=act,
+        softmax=QuantSpec(bits=a_bits, scheme="log_sqrt2", estimator="percentile_search"),
+        matmul=act,
+        keep_8bit=keep_8bit,
+        post_ln_act=act.with_(granularity="channel", axis=-1),
+        post_calibration=reparameterize,
+    )
+
+
+@torch.no_grad()
+def reparameterize(adapter, specs: MethodSpecs):
+    for ln_name, lin_names in adapter.ln_linear_pairs():
+        ln = adapter.get(ln_name)
+        lins = [adapter.get(n) for n in lin_names]
+        q = lins[0].in_quant
+        delta, zero = q.scale.flatten(), q.zero.flatten()
+        d_t = delta.mean()
+        z_t = torch.round(zero.mean())
+        r = delta / d_t
+        beta = (-zero * delta) / r - (-z_t * d_t)
+        fold_channel_affine(ln, lins, r, beta)
+        for lin in lins:
+            per_tensor = Quantizer(specs.act, q.max_elements)
+            per_tensor.set_params(d_t.reshape(()), z_t.reshape(()))
+            lin.in_quant = per_tensor
+            lin.calibrate_weight()
+
+
+@torch.no_grad()
+def fold_channel_affine(ln: nn.LayerNorm, lins, r: torch.Tensor, beta: torch.Tensor):
+    """LN output y -> y / r - beta; each following Linear absorbs the inverse (exact in float)."""
+    if ln.weight is None or ln.bias is None:
+        raise ValueError("RepQ-ViT reparameterization needs an affine LayerNorm (elementwise_affine=True)")
+    for lin in lins:
+        w = lin.weight
+        extra = w @ (r * beta)
+        w.mul_(r[None, :])
+        if lin.bias is None:
+            lin.bias = nn.Parameter(extra.clone())
+        else:
+            lin.bias.add_(extra)
+    ln.weight.div_(r)
+    ln.bias.div_(r).sub_(beta)

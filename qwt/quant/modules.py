@@ -1,0 +1,293 @@
+"""Quantized module wrappers: a Quantizer (one tensor's fake quantization), and
+QuantLinear / QuantConv2d / QuantMatMul with per-module weight / activation on-off states.
+
+Each wrapper keeps the float weights it replaced. Quantization off => the module computes
+exactly what the float module computed (QwT runs the same block both ways on the same input).
+Stage-2 methods that change the quantized path (QFT training, QwT-v2 folding) first call
+``detach_fp()`` so that the float path keeps the original weights.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .observers import Observer
+from .quantizer import QuantSpec, fake_quant, grad_scale, param_shape, quantize_codes, to_stat_view
+
+
+class Quantizer(nn.Module):
+    """Fake-quantizes one tensor. States: observing (passes x through, records it), calibrated."""
+
+    def __init__(self, spec: QuantSpec, max_elements: int = 2**23):
+        super().__init__()
+        self.spec = spec
+        self.max_elements = max_elements
+        self.register_buffer("scale", None)
+        self.register_buffer("zero", None)
+        self.observer: Observer | None = None
+        self.ste = False  # straight-through rounding (set by methods that train)
+        self.lsq = False  # scale is a Parameter with LSQ gradient scaling
+
+    def extra_repr(self):
+        s = self.spec
+        return f"{s.scheme} {s.bits}b {'sym' if s.symmetric else 'asym'} {s.granularity} {s.estimator}"
+
+    @property
+    def calibrated(self) -> bool:
+        return self.scale is not None
+
+    def start_observing(self):
+        self.observer = Observer(self.spec, self.max_elements)
+
+    def finish_observing(self):
+        if self.observer is None:
+            raise RuntimeError("finish_observing() without start_observing()")
+        scale, zero = self.observer.compute()
+        self.observer = None
+        self.set_params(scale, zero)
+
+    def calibrate_from(self, x: torch.Tensor):
+        """One-shot calibration on a tensor (weights)."""
+        obs = Observer(self.spec, self.max_elements)
+        obs.update(x)
+        self.set_params(*obs.compute())
+
+    def set_params(self, scale: torch.Tensor, zero: torch.Tensor):
+        if isinstance(self.scale, nn.Parameter):
+            del self.scale
+        self.scale = scale.detach().clone()
+        self.zero = zero.detach().clone()
+        self.lsq = False
+
+    def make_scale_trainable(self):
+        """Turn the step size into a Parameter (LSQ)."""
+        if not self.calibrated:
+            raise RuntimeError("calibrate the quantizer before making its scale trainable")
+        scale = self.scale
+        del self.scale
+        self.scale = nn.Parameter(scale.clone())
+        self.lsq, self.ste = True, True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer.update(x)
+            return x
+        if not self.calibrated:
+            raise RuntimeError(f"quantizer ({self.extra_repr()}) is not calibrated: run the PTQ method's calibration first")
+        scale = self.scale
+        if self.lsq:  # LSQ: gradient of s scaled by 1 / sqrt(N_per_scale * Q_p)
+            n = x.numel() / max(1, scale.numel())
+            scale = grad_scale(scale, 1.0 / math.sqrt(n * max(1, self.spec.qmax)))
+        return fake_quant(x, self.spec, scale, self.zero, ste=self.ste)
+
+
+class QuantModule(nn.Module):
+    """Base of every wrapper: on/off states for weight and activation quantization."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_on = False
+        self.a_on = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.w_on or self.a_on
+
+    def set_quant_state(self, weight: bool, act: bool):
+        self.w_on, self.a_on = bool(weight), bool(act)
+
+
+class _QuantWeighted(QuantModule):
+    """Shared logic of QuantLinear and QuantConv2d.
+
+    weight / bias: the quantized path's (latent) parameters. fp_weight / fp_bias: the float
+    path; the same tensors until ``detach_fp()``. w_codes: frozen integer grid values (set by
+    ``freeze_weight_codes``; then the quantized weight is (codes - zero) * scale).
+    out_gamma / out_beta: an optional unfolded channel-wise affine on the output (QwT-v2).
+    """
+
+    out_channel_dim = -1  # where output channels live in the output tensor
+
+    def _init_common(self, module, w_spec: QuantSpec | None, a_spec: QuantSpec | None, max_elements: int):
+        self.weight = module.weight
+        self.bias = module.bias
+        self.register_buffer("fp_weight", None, persistent=False)
+        self.register_buffer("fp_bias", None, persistent=False)
+        self.register_buffer("w_codes", None)
+        self.w_quant = Quantizer(w_spec, max_elements) if w_spec is not None else None
+        self.in_quant = Quantizer(a_spec, max_elements) if a_spec is not None else None
+        self.out_gamma = None
+        self.out_beta = None
+        self.added_bias = 0  # bias entries a compensation fold had to create (layer had none)
+
+    def extra_param_count(self) -> int:
+        n = self.added_bias
+        if self.out_gamma is not None:
+            n += self.out_gamma.numel() + self.out_beta.numel()
+        return n
+
+    def compensation_parameters(self):
+        return [p for p in (self.out_gamma, self.out_beta) if p is not None]
+
+    # -- float path -----------------------------------------------------------------------
+    def float_weight(self):
+        return self.weight if self.fp_weight is None else self.fp_weight
+
+    def float_bias(self):
+        if self.fp_weight is None:
+            return self.bias
+        return self.fp_bias
+
+    def detach_fp(self):
+        """Give the float path its own copy, so that the quantized path may change."""
+        if self.fp_weight is None:
+            self.fp_weight = self.weight.detach().clone()
+            self.fp_bias = None if self.bias is None else self.bias.detach().clone()
+
+    # -- quantized path -------------------------------------------------------------------
+    def calibrate_weight(self):
+        if self.w_quant is not None:
+            self.w_quant.calibrate_from(self.weight.detach())
+            self.w_codes = None
+
+    def freeze_weight_codes(self):
+        """Store the integer grid values of the current weight (deployment form)."""
+        if self.w_quant is None:
+            raise ValueError(f"{type(self).__name__} has no weight quantizer to freeze")
+        q = self.w_quant
+        codes = quantize_codes(self._grouped(self.weight.detach()), q.scale, q.zero, q.spec.qmin, q.spec.qmax)
+        self.w_codes = codes.reshape(self.weight.shape) if q.spec.granularity == "group" else codes
+
+    def _grouped(self, w):
+        spec = self.w_quant.spec
+        if spec.granularity == "group":
+            return w.reshape(*w.shape[:-1], w.shape[-1] // spec.group_size, spec.group_size)
+        return w
+
+    def quant_weight(self):
+        if self.w_quant is None:
+            return self.weight
+        q = self.w_quant
+        if self.w_codes is not None:
+            codes = self._grouped(self.w_codes)
+            return ((codes - q.zero) * q.scale).reshape(self.weight.shape)
+        return q(self.weight)
+
+    def per_channel_weight_scale(self) -> bool:
+        q = self.w_quant
+        return q is not None and q.spec.granularity == "channel" and q.spec.axis % self.weight.dim() == 0
+
+    def forward(self, x):
+        if not self.quantized:
+            return self._op(x, self.float_weight(), self.float_bias())
+        if self.a_on and self.in_quant is not None:
+            x = self.in_quant(x)
+        w = self.quant_weight() if self.w_on else self.weight
+        y = self._op(x, w, self.bias)
+        if self.out_gamma is not None:
+            shape = [1] * y.dim()
+            shape[self.out_channel_dim] = -1
+            y = y * self.out_gamma.view(shape) + self.out_beta.view(shape)
+        return y
+
+
+class QuantLinear(_QuantWeighted):
+    out_channel_dim = -1
+
+    def __init__(self, module: nn.Linear, w_spec=None, a_spec=None, max_elements: int = 2**23):
+        super().__init__()
+        self.in_features, self.out_features = module.in_features, module.out_features
+        self._init_common(module, w_spec, a_spec, max_elements)
+
+    def _op(self, x, w, b):
+        return F.linear(x, w, b)
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, w_on={self.w_on}, a_on={self.a_on}"
+
+
+class QuantConv2d(_QuantWeighted):
+    out_channel_dim = 1
+
+    def __init__(self, module: nn.Conv2d, w_spec=None, a_spec=None, max_elements: int = 2**23):
+        super().__init__()
+        if module.padding_mode != "zeros":
+            raise ValueError(f"QuantConv2d supports padding_mode='zeros' only, got {module.padding_mode!r}")
+        self.in_channels, self.out_channels = module.in_channels, module.out_channels
+        self.kernel_size, self.stride, self.padding = module.kernel_size, module.stride, module.padding
+        self.dilation, self.groups = module.dilation, module.groups
+        self._init_common(module, w_spec, a_spec, max_elements)
+
+    def _op(self, x, w, b):
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self):
+        return f"{self.in_channels}->{self.out_channels}, k={self.kernel_size}, s={self.stride}, w_on={self.w_on}, a_on={self.a_on}"
+
+
+class QuantMatMul(QuantModule):
+    """a @ b with both operands fake-quantized when activations are on."""
+
+    def __init__(self, a_spec: QuantSpec | None, b_spec: QuantSpec | None, max_elements: int = 2**23):
+        super().__init__()
+        self.a_quant = Quantizer(a_spec, max_elements) if a_spec is not None else None
+        self.b_quant = Quantizer(b_spec, max_elements) if b_spec is not None else None
+
+    def forward(self, a, b):
+        if self.a_on:
+            if self.a_quant is not None:
+                a = self.a_quant(a)
+            if self.b_quant is not None:
+                b = self.b_quant(b)
+        return a @ b
+
+
+def quant_modules(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, QuantModule)]
+
+
+def quantizers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, Quantizer)]
+
+
+def set_quant_state(model: nn.Module, weight: bool = True, act: bool = True) -> nn.Module:
+    """Switch every wrapper (and every compensation module) of ``model`` on or off."""
+    for m in model.modules():
+        if isinstance(m, QuantModule) or getattr(m, "follows_quant_state", False):
+            m.set_quant_state(weight, act)
+    return model
+
+
+class observe_activations:
+    """Context: every activation quantizer of ``model`` records what passes; on exit computes ranges."""
+
+    def __init__(self, model: nn.Module, only=None):
+        self.qs = [q for m in quant_modules(model) for q in _act_quantizers(m) if only is None or q in only]
+
+    def __enter__(self):
+        for q in self.qs:
+            q.start_observing()
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            for q in self.qs:
+                if q.observer is not None and q.observer.shape is not None:
+                    q.finish_observing()
+                else:
+                    q.observer = None
+        else:
+            for q in self.qs:
+                q.observer = None
+        return False
+
+
+def _act_quantizers(m):
+    if isinstance(m, _QuantWeighted):
+        return [m.in_quant] if m.in_quant is not None else []
+    if isinstance(m, QuantMatMul):
+        return [q for q in (m.a_quant, m.b_quant) if q is not None]
+    return []

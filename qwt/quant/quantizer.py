@@ -1,0 +1,162 @@
+"""Quantizer math: immutable specs, uniform affine and log-sqrt2 fake quantization.
+
+Everything here is plain tensor math; range estimation lives in ``observers.py`` and the
+module wrappers in ``modules.py``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+GRANULARITIES = ("tensor", "channel", "group")
+SCHEMES = ("uniform", "log_sqrt2")
+ESTIMATORS = ("minmax", "percentile_search", "mse", "hist_percentile")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized. A small immutable value; use ``spec.with_(bits=6)``.
+
+    granularity: "tensor" (one scale), "channel" (one scale per index of ``axis``) or
+    "group" (``group_size`` consecutive elements of the last dimension share a scale).
+    estimator: the range rule used at calibration (see ``observers.py``).
+    """
+
+    bits: int = 8
+    symmetric: bool = False
+    granularity: str = "tensor"
+    axis: int = 0
+    group_size: int = 128
+    scheme: str = "uniform"
+    estimator: str = "minmax"
+    percentile: float = 99.99
+
+    def __post_init__(self):
+        if not 1 <= int(self.bits) <= 16:
+            raise ValueError(f"QuantSpec.bits must be in 1..16, got {self.bits}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"QuantSpec.granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"QuantSpec.scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"QuantSpec.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.scheme == "log_sqrt2" and self.granularity != "tensor":
+            raise ValueError("the log-sqrt2 quantizer is per-tensor only (granularity='tensor')")
+
+    def with_(self, **changes) -> "QuantSpec":
+        return replace(self, **changes)
+
+    @property
+    def qmin(self) -> int:
+        # symmetric grids are narrow-range (-(2^(b-1)-1) .. 2^(b-1)-1), as TensorRT's
+        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through gradient (identity backward)."""
+    return (torch.round(x) - x).detach() + x
+
+
+def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward, gradient multiplied by ``factor`` (LSQ's step-size gradient scale)."""
+    y = x * factor
+    return (x - y).detach() + y
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes: every granularity is handled by viewing x as (..., reduce) where statistics are taken
+# over the reduce dims, so one code path serves tensor / channel / group.
+
+
+def to_stat_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Reshape ``x`` so that the *last* dim holds the elements that share one scale.
+
+    tensor  -> (1, numel)
+    channel -> (C, numel / C)          channel index = ``spec.axis``
+    group   -> (numel / g, g)          groups of the last dimension
+    """
+    if spec.granularity == "tensor":
+        return x.reshape(1, -1)
+    if spec.granularity == "channel":
+        axis = spec.axis % x.dim()
+        return x.transpose(0, axis).reshape(x.shape[axis], -1)
+    g = spec.group_size
+    if x.shape[-1] % g:
+        raise ValueError(f"per-group quantization needs the last dim ({x.shape[-1]}) divisible by group_size={g}")
+    return x.reshape(-1, g)
+
+
+def param_shape(x_shape: torch.Size, spec: QuantSpec) -> tuple[int, ...]:
+    """Broadcastable shape of scale / zero-point for a tensor of ``x_shape``."""
+    if spec.granularity == "tensor":
+        return ()
+    if spec.granularity == "channel":
+        axis = spec.axis % len(x_shape)
+        shape = [1] * len(x_shape)
+        shape[axis] = x_shape[axis]
+        return tuple(shape)
+    return tuple(x_shape[:-1]) + (x_shape[-1] // spec.group_size, 1)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, eps: float = 1e-8):
+    """Scale and zero-point (both float tensors) of a uniform grid covering [lo, hi]."""
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    if spec.symmetric:
+        amax = torch.maximum(-lo, hi)
+        scale = (amax / spec.qmax).clamp_min(eps)
+        zero = torch.zeros_like(scale)
+    else:
+        scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(eps)
+        zero = torch.clamp(torch.round(-lo / scale), spec.qmin, spec.qmax)
+    return scale, zero
+
+
+def fake_quant_uniform(x, scale, zero, qmin: int, qmax: int, ste: bool = False):
+    """x_hat = (clamp(round(x / s) + z, qmin, qmax) - z) * s."""
+    r = round_ste if ste else torch.round
+    q = torch.clamp(r(x / scale) + zero, qmin, qmax)
+    return (q - zero) * scale
+
+
+def quantize_codes(x, scale, zero, qmin: int, qmax: int) -> torch.Tensor:
+    """Integer grid values (as float tensor) of x."""
+    return torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
+
+
+def fake_quant(x: torch.Tensor, spec: QuantSpec, scale, zero, ste: bool = False) -> torch.Tensor:
+    """Fake-quantize ``x`` with parameters shaped by ``param_shape`` (group view handled here)."""
+    if spec.scheme == "log_sqrt2":
+        return fake_quant_log_sqrt2(x, scale, spec.bits)
+    if spec.granularity == "group":
+        g = spec.group_size
+        xv = x.reshape(*x.shape[:-1], x.shape[-1] // g, g)
+        return fake_quant_uniform(xv, scale, zero, spec.qmin, spec.qmax, ste).reshape(x.shape)
+    return fake_quant_uniform(x, scale, zero, spec.qmin, spec.qmax, ste)
+
+
+def log_sqrt2_codes(x: torch.Tensor, delta, bits: int) -> torch.Tensor:
+    """q = round(-2 log2(x / delta)); codes >= 2^b (incl. x = 0) mean 'zero'."""
+    with torch.no_grad():
+        return torch.round(-2.0 * torch.log2(x.clamp_min(0) / delta))
+
+
+def fake_quant_log_sqrt2(x: torch.Tensor, delta, bits: int) -> torch.Tensor:
+    """RepQ-ViT's log-sqrt2 quantizer for post-softmax values in [0, 1].
+
+    q = clamp(round(-2 log2(x/delta)), 0, 2^b - 1);  x_hat = delta * 2^(-ceil(q/2)) * sqrt2^(q mod 2);
+    codes past the range (tiny x and x = 0) dequantize to 0.
+    """
+    n_levels = 2**bits
+    q = log_sqrt2_codes(x, delta, bits)
+    beyond = q >= n_levels
+    q = q.clamp(0, n_levels - 1)
+    odd = torch.remainder(q, 2)
+    x_hat = delta * torch.pow(2.0, -torch.ceil(q / 2)) * (1 + odd * (math.sqrt(2) - 1))
+    return torch.where(beyond, torch.zeros_like(x_hat), x_hat).to(x.dtype)
