@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     from qwt.runner import run
-    from qwt.tasks.classification import ConfigError
+    from qwt.errors import ConfigError
 
     try:
         run(cfg)

@@ -18,7 +18,8 @@ from .models import adapter_for
 from .models.zoo import build_model
 from .ptq import apply_ptq, get_specs
 from .results import append_row, config_key, finished_keys, git_sha, now_iso, versions
-from .tasks.classification import ConfigError, build_data, calibration_batches, evaluate
+from .errors import ConfigError
+from .tasks.classification import build_data, calibration_batches, evaluate
 from .tracking import make_logger
 
 

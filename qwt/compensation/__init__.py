@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 
+from ..errors import ConfigError
 from .base import CompContext, extra_params, model_size_mb
 
 METHODS = ("qwt", "qwt_star", "qwt_v2", "qft")
@@ -15,12 +16,12 @@ METHODS = ("qwt", "qwt_star", "qwt_v2", "qft")
 def parse_variant(variant: str) -> list[str]:
     steps = [s.strip() for s in str(variant).split("+") if s.strip()]
     if not steps:
-        raise ValueError("empty compensation variant: use 'none' for the base model")
+        raise ConfigError("empty compensation variant: use 'none' for the base model")
     if steps == ["none"]:
         return []
     for s in steps:
         if s not in METHODS:
-            raise ValueError(f"unknown compensation {s!r} in variant {variant!r}: compensation.variants entries are 'none' or methods {METHODS} joined by '+' (e.g. qft+qwt_v2)")
+            raise ConfigError(f"unknown compensation {s!r} in variant {variant!r}: compensation.variants entries are 'none' or methods {METHODS} joined by '+' (e.g. qft+qwt_v2)")
     return steps
 
 

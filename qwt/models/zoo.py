@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..tasks.classification import ConfigError
+from ..errors import ConfigError
 
 
 def disable_fused_attention(model: nn.Module) -> nn.Module:
@@ -44,6 +44,12 @@ def build_timm(model_cfg: dict) -> nn.Module:
         model = timm.create_model(name, pretrained=False, num_classes=model_cfg.get("num_classes", 1000))
         timm.models.load_checkpoint(model, str(ckpt))
         return model
+    if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "") and not hub_reachable():
+        raise ConfigError(
+            f"timm model '{name}' needs pretrained weights but huggingface.co is unreachable (no network). "
+            f"Download the weights elsewhere and set model.checkpoint=/path/to/{name}.safetensors "
+            "(or set HF_HUB_OFFLINE=1 if they are already in your Hugging Face cache)"
+        )
     try:
         return timm.create_model(name, pretrained=True)
     except Exception as e:  # no network / hub unreachable / not cached
@@ -51,6 +57,16 @@ def build_timm(model_cfg: dict) -> nn.Module:
             f"could not load pretrained weights of timm model '{name}' from the hub ({type(e).__name__}: {str(e)[:200]}). "
             f"Without network, download the weights elsewhere and set model.checkpoint=/path/to/{name}.safetensors"
         ) from e
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,15 +16,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .. import dist
+from ..errors import ConfigError
 
 IMAGENET_LAYOUT = (
     "<root>/train/<class_id>/*.JPEG (e.g. train/n01440764/...) and <root>/val/<class_id>/*.JPEG "
     "(validation images sorted into the same 1000 class folders)"
 )
-
-
-class ConfigError(ValueError):
-    """A problem the user fixes by changing an option; the message names the option and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,10 +98,17 @@ def build_data(data_cfg, model_cfg) -> ClassificationData:
         train_tf = create_transform(is_training=True, **common)
         eval_tf = create_transform(is_training=False, crop_pct=pp["crop_pct"], **common)
         root = str(data_cfg["root"])
+
+        def folder(split, tf):
+            try:
+                return ImageDataset(os.path.join(root, split), transform=tf)
+            except RuntimeError as e:  # timm: "Found 0 images in subfolders of ..."
+                raise ConfigError(f"data.root={root}: no images found under '{split}/' ({e}). Expected layout: {IMAGENET_LAYOUT}") from e
+
         return ClassificationData(
-            train=ImageDataset(os.path.join(root, "train"), transform=train_tf),
-            train_eval_tf=ImageDataset(os.path.join(root, "train"), transform=eval_tf),
-            val=_maybe_subset(ImageDataset(os.path.join(root, "val"), transform=eval_tf), data_cfg.get("val_subset")),
+            train=folder("train", train_tf),
+            train_eval_tf=folder("train", eval_tf),
+            val=_maybe_subset(folder("val", eval_tf), data_cfg.get("val_subset")),
             name="imagenet",
         )
     raise ConfigError(f"unknown data.name={kind!r}: use one of digits, imagenet (configs/data/)")
@@ -129,15 +133,19 @@ def calibration_batches(data: ClassificationData, n: int, transform: str, batch_
         raise ConfigError(f"asked for {n} calibration samples but the training set has {len(ds)}; lower the calibration size option")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(ds), generator=g)[:n].tolist()
-    if shard:
-        idx = dist.shard(idx)
+    mine = set(dist.shard(list(range(len(idx))))) if shard else None
     if hasattr(ds, "gen"):
         ds.gen.manual_seed(seed)
     xs, ys = [], []
-    for i in idx:
+    for j, i in enumerate(idx):
+        # augmentation draws advance per sample: with the train transform every rank draws for all
+        # samples and keeps its share, so each image is augmented exactly as in one process
+        if mine is not None and j not in mine and transform != "train":
+            continue
         x, y = ds[i]
-        xs.append(x)
-        ys.append(y)
+        if mine is None or j in mine:
+            xs.append(x)
+            ys.append(y)
     out = []
     for s in range(0, len(xs), batch_size):
         out.append((torch.stack(xs[s : s + batch_size]).to(device), torch.tensor(ys[s : s + batch_size]).to(device)))
