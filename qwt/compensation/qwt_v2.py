@@ -131,7 +131,8 @@ def fold_affine(layer: _QuantWeighted, gamma: torch.Tensor, beta: torch.Tensor) 
     if not layer.per_channel_weight_scale():
         raise ValueError("cannot fold: the layer has no per-channel weight scale")
     layer.detach_fp()
-    layer.freeze_weight_codes()
+    if layer.w_codes is None:  # already frozen (an earlier fold): keep the codes, the scale carries the fold
+        layer.freeze_weight_codes()
     q = layer.w_quant
     shape = [-1] + [1] * (layer.weight.dim() - 1)
     q.scale = q.scale * gamma.to(q.scale.dtype).view(shape)

@@ -58,6 +58,7 @@ class Quantizer(nn.Module):
     def set_params(self, scale: torch.Tensor, zero: torch.Tensor):
         if isinstance(self.scale, nn.Parameter):
             del self.scale
+            self.register_buffer("scale", None)  # back to a buffer (state_dict, .to(device))
         self.scale = scale.detach().clone()
         self.zero = zero.detach().clone()
         self.lsq = False

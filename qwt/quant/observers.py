@@ -18,13 +18,22 @@ MSE_RATIOS = tuple(1.0 - 0.05 * i for i in range(16))  # 1.0 .. 0.25
 HIST_BINS = 2048
 
 
+def rowwise_quantiles(v: torch.Tensor, qs) -> list[torch.Tensor]:
+    """Quantiles ``qs`` along the last dim with linear interpolation (no 16M-element limit);
+    one sort serves every quantile."""
+    s = v.sort(dim=-1).values
+    out = []
+    for q in qs:
+        pos = q * (s.shape[-1] - 1)
+        lo_i, hi_i = int(pos), min(int(pos) + 1, s.shape[-1] - 1)
+        frac = pos - int(pos)
+        out.append(s[..., lo_i] * (1 - frac) + s[..., hi_i] * frac)
+    return out
+
+
 def rowwise_quantile(v: torch.Tensor, q: float) -> torch.Tensor:
     """Quantile along the last dim with linear interpolation (no 16M-element limit)."""
-    s = v.sort(dim=-1).values
-    pos = q * (s.shape[-1] - 1)
-    lo_i, hi_i = int(pos), min(int(pos) + 1, s.shape[-1] - 1)
-    frac = pos - int(pos)
-    return s[..., lo_i] * (1 - frac) + s[..., hi_i] * frac
+    return rowwise_quantiles(v, [q])[0]
 
 
 def _l2_rows(v, v_hat):
@@ -72,7 +81,7 @@ def compute_qparams(v: torch.Tensor, spec: QuantSpec):
     if spec.scheme == "log_sqrt2":
         # delta candidates = high quantiles of x (values are in [0, 1] after softmax)
         best_err, best_delta = None, None
-        cands = [rowwise_quantile(v, p) for p in REPQ_PERCENTILES] if spec.estimator != "minmax" else [v.amax(-1)]
+        cands = rowwise_quantiles(v, REPQ_PERCENTILES) if spec.estimator != "minmax" else [v.amax(-1)]
         for delta in cands:
             delta = delta.clamp_min(1e-8)
             err = _l2_rows(v, fake_quant_log_sqrt2(v, delta[:, None], spec.bits))
@@ -82,7 +91,8 @@ def compute_qparams(v: torch.Tensor, spec: QuantSpec):
     if spec.estimator == "minmax":
         return qparams_from_range(v.amin(-1), v.amax(-1), spec)
     if spec.estimator == "percentile_search":
-        cands = [(rowwise_quantile(v, 1 - p), rowwise_quantile(v, p)) for p in REPQ_PERCENTILES]
+        qs = rowwise_quantiles(v, [f(p) for p in REPQ_PERCENTILES for f in (lambda p: 1 - p, lambda p: p)])
+        cands = list(zip(qs[0::2], qs[1::2]))
         return _search(v, cands, spec)
     if spec.estimator == "mse":
         lo, hi = v.amin(-1), v.amax(-1)

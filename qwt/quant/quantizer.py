@@ -66,7 +66,7 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
     """Identity forward, gradient multiplied by ``factor`` (LSQ's step-size gradient scale)."""
     y = x * factor
-    return (x - y).detach() + y
+    return x.detach() + (y - y.detach())  # forward is exactly x (bit for bit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +133,9 @@ def quantize_codes(x, scale, zero, qmin: int, qmax: int) -> torch.Tensor:
 def fake_quant(x: torch.Tensor, spec: QuantSpec, scale, zero, ste: bool = False) -> torch.Tensor:
     """Fake-quantize ``x`` with parameters shaped by ``param_shape`` (group view handled here)."""
     if spec.scheme == "log_sqrt2":
-        return fake_quant_log_sqrt2(x, scale, spec.bits)
+        x_hat = fake_quant_log_sqrt2(x, scale, spec.bits)
+        # ste: identity gradient to x (the codes are computed without gradient); delta keeps its own
+        return x_hat + (x - x.detach()) if ste else x_hat
     if spec.granularity == "group":
         g = spec.group_size
         xv = x.reshape(*x.shape[:-1], x.shape[-1] // g, g)

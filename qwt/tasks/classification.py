@@ -5,11 +5,10 @@ per-family preprocessing of the model config (mean, std, crop_pct, interpolation
 """
 from __future__ import annotations
 
-import math
 import os
+import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -133,6 +132,9 @@ def calibration_batches(data: ClassificationData, n: int, transform: str, batch_
         raise ConfigError(f"asked for {n} calibration samples but the training set has {len(ds)}; lower the calibration size option")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(ds), generator=g)[:n].tolist()
+    # timm / torchvision training transforms draw from Python's and torch's global generators
+    random.seed(seed)
+    torch.manual_seed(seed)
     mine = set(dist.shard(list(range(len(idx))))) if shard else None
     if hasattr(ds, "gen"):
         ds.gen.manual_seed(seed)
