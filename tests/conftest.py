@@ -9,7 +9,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(2)
+# one thread: with 2 threads on a 2-core machine, any other busy process makes every op wait on a
+# descheduled OpenMP thread (measured 60x slower); one thread is predictable everywhere
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

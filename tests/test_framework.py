@@ -118,7 +118,7 @@ def test_truncated_last_line_is_skipped_and_not_glued_to_the_next_row(tmp_path, 
 
 def run_py(*overrides, multirun=False, timeout=600):
     cmd = [sys.executable, str(ROOT / "run.py")] + (["-m"] if multirun else []) + list(overrides)
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -25,6 +25,11 @@ class CompContext:
     log: Callable = print
     info: dict = field(default_factory=dict)
 
+    def calib_images(self, cfg: dict) -> list:
+        """The calibration images a closed-form method fits on (this rank's share under torchrun)."""
+        batches = self.calib(int(cfg["num_samples"]), cfg["calib_transform"], int(cfg["batch_size"]), shard=True)
+        return [x for x, _ in batches]
+
 
 def extra_params(model: nn.Module) -> int:
     """Parameters a compensation added to the deployed model (0 for folded QwT-v2)."""

@@ -97,7 +97,7 @@ def apply(ctx: CompContext, cfg: dict) -> dict:
     """Fit and insert QwT branches into ``ctx.adapter.model``; returns per-block R^2 etc."""
     adapter = ctx.adapter
     model = adapter.model
-    batches = [x for x, _ in ctx.calib(int(cfg["num_samples"]), cfg["calib_transform"], int(cfg["batch_size"]), shard=True)]
+    batches = ctx.calib_images(cfg)
     set_quant_state(model, True, True)
     hs = [adapter.stem(x) for x in batches]
     record = cfg.get("_record")  # tests: {unit index: first regression X}

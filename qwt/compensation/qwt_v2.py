@@ -147,7 +147,7 @@ def fold_affine(layer: _QuantWeighted, gamma: torch.Tensor, beta: torch.Tensor) 
 def apply(ctx: CompContext, cfg: dict) -> dict:
     adapter = ctx.adapter
     model = adapter.model
-    batches = [x for x, _ in ctx.calib(int(cfg["num_samples"]), cfg["calib_transform"], int(cfg["batch_size"]), shard=True)]
+    batches = ctx.calib_images(cfg)
     set_quant_state(model, True, True)
     order = execution_order(adapter, batches[0])
     fold, unfoldable = bool(cfg.get("fold", True)), cfg.get("unfoldable", "error")

@@ -97,13 +97,16 @@ def embedded_cache_path(model_cfg: dict) -> Path:
 
 def load_or_train_embedded(model_cfg: dict, log=print) -> nn.Module:
     path = embedded_cache_path(model_cfg)
-    model = embedded_arch(model_cfg)
+    with torch.random.fork_rng(devices=[]):  # initialization seeded too; the caller's RNG untouched
+        torch.manual_seed(int(model_cfg["train"]["seed"]))
+        model = embedded_arch(model_cfg)
     if path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model
     log(f"[qwt] training embedded model {model_cfg['name']} (once; cached at {path})")
     t0 = time.time()
-    train_embedded(model, model_cfg)
+    with torch.random.fork_rng(devices=[]):
+        train_embedded(model, model_cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(model.state_dict(), tmp)
@@ -113,12 +116,23 @@ def load_or_train_embedded(model_cfg: dict, log=print) -> nn.Module:
 
 
 def train_embedded(model: nn.Module, model_cfg: dict) -> None:
-    """Deterministic training on the digits training split (AdamW, cosine, label smoothing)."""
+    """Deterministic training on the digits training split (AdamW, one-cycle, label smoothing)."""
+    tc = model_cfg["train"]
+    # float reductions depend on the thread count: train with a fixed one so the model is the same
+    # on every machine with the same torch build (it is part of the cache key)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(tc.get("threads", 1)))
+    try:
+        _train(model, tc, model_cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model: nn.Module, tc: dict, model_cfg: dict) -> None:
     from torch.utils.data import DataLoader
 
     from ..tasks.classification import DigitsDataset, digits_split
 
-    tc = model_cfg["train"]
     torch.manual_seed(int(tc["seed"]))
     (xtr, ytr), _ = digits_split()
     ds = DigitsDataset(xtr, ytr, int(model_cfg["input_size"][-1]), train_aug=True, seed=int(tc["seed"]))
