@@ -17,7 +17,7 @@ from .compensation import CompContext, apply_variant, extra_params, model_size_m
 from .models import adapter_for
 from .models.zoo import build_model
 from .ptq import apply_ptq, get_specs
-from .results import append_row, config_key, finished_keys, git_sha, now_iso, versions
+from .results import append_row, config_key, finished_keys, git_sha, now_iso, read_rows, versions
 from .errors import ConfigError
 from .tasks.classification import build_data, calibration_batches, evaluate
 from .tracking import make_logger
@@ -64,7 +64,12 @@ def run(cfg: DictConfig) -> list[dict]:
     done = finished_keys(results_path) if c["results"]["skip_finished"] else set()
     todo = [v for v in variants if keys[v] not in done]
     if not todo:
-        log(f"[qwt] all {len(variants)} variants of this config are already in {results_path}; nothing to do (results.skip_finished=false recomputes)")
+        log(f"[qwt] all {len(variants)} variants of this config are already in {results_path}; nothing to do "
+            "(results.skip_finished=false recomputes). Stored results:")
+        stored = {r["config_key"]: r for r in read_rows(results_path) if "config_key" in r}
+        rows = [stored[keys[v]] for v in variants]
+        if dist.is_main():
+            print(format_table(rows, rows[0]["fp_metrics"], c))
         return []
     if len(todo) < len(variants):
         log(f"[qwt] skipping {len(variants) - len(todo)} finished variants: {[v for v in variants if v not in todo]}")

@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-exec "${QWT_VENV:-.venv}/bin/python" run.py "$@"
+# always computes (results/runs.jsonl ships with our rows; a plain `python run.py` would only print them)
+exec "${QWT_VENV:-.venv}/bin/python" run.py results.skip_finished=false "$@"
