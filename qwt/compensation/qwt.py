@@ -18,6 +18,9 @@ import time
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .. import dist
 
 from ..quant import set_quant_state
 from .base import CompContext
@@ -102,7 +105,7 @@ def apply(ctx: CompContext, cfg: dict) -> dict:
     hs = [adapter.stem(x) for x in batches]
     record = cfg.get("_record")  # tests: {unit index: first regression X}
     r2s, fitted, ridge_used = [], 0, []
-    for k, unit in enumerate(adapter.units()):
+    for k, unit in enumerate(tqdm(adapter.units(), desc="qwt blocks", disable=not dist.is_main(), leave=False)):
         xs = [adapter.unit_input(unit, h) for h in hs]
         block = adapter.get(unit.name)
         if k < int(cfg.get("start_block", 0)):

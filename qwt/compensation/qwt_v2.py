@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .. import dist
 
 from ..quant import set_quant_state
 from ..quant.modules import _QuantWeighted
@@ -119,7 +122,6 @@ def fit_layer(layer: _QuantWeighted, run_segment, inputs, cfg) -> tuple[torch.Te
                 pass
     finally:
         handle.remove()
-    from .. import dist
 
     dist.all_reduce_sum(stats.s)
     return stats.gain_offset(float(cfg.get("var_eps", 1e-8)), float(cfg.get("shrinkage", 0.0)))
@@ -163,7 +165,7 @@ def apply(ctx: CompContext, cfg: dict) -> dict:
             )
     inputs = batches
     folded = kept = 0
-    for run_segment, layers in _segments(adapter, order):
+    for run_segment, layers in tqdm(_segments(adapter, order), desc="qwt_v2 segments", disable=not dist.is_main(), leave=False):
         for name in layers:
             layer = adapter.get(name)
             gamma, beta = fit_layer(layer, run_segment, inputs, cfg)

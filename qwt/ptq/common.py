@@ -12,6 +12,9 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .. import dist
 
 from ..models.base import ModelAdapter
 from ..quant import LayerQuant, QuantSpec, observe_activations, quant_modules, quantize_model, set_quant_state
@@ -60,7 +63,7 @@ def calibrate_activations(model: nn.Module, forward: Callable, batches: Iterable
     """One observing pass: activations see float values (weights unquantized)."""
     set_quant_state(model, weight=False, act=True)
     with observe_activations(model):
-        for x in batches:
+        for x in tqdm(batches, desc="ptq calibration", disable=not dist.is_main(), leave=False):
             forward(x)
 
 
