@@ -1,7 +1,7 @@
 """What every stage-2 method receives, and the accounting of what it adds."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -23,7 +23,6 @@ class CompContext:
     train_batches: Callable
     device: torch.device
     log: Callable = print
-    info: dict = field(default_factory=dict)
 
     def calib_images(self, cfg: dict) -> list:
         """The calibration images a closed-form method fits on (this rank's share under torchrun)."""

@@ -14,7 +14,6 @@ regression (the QwT paper's ResNet variant; its ridge is 1e-3).
 """
 from __future__ import annotations
 
-import time
 
 import torch
 import torch.nn as nn

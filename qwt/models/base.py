@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 
 
@@ -66,9 +65,7 @@ class ModelAdapter:
         setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
 
     def run_unit(self, unit: Unit, h):
-        if unit.pre is not None:
-            h = self.get(unit.pre)(h)
-        return self.get(unit.name)(h)
+        return self.get(unit.name)(self.unit_input(unit, h))
 
     def unit_input(self, unit: Unit, h):
         """The tensor the unit's block itself receives (after ``pre``)."""

@@ -19,7 +19,6 @@ from .. import dist
 from ..models.base import ModelAdapter
 from ..quant import LayerQuant, QuantSpec, observe_activations, quant_modules, quantize_model, set_quant_state
 from ..quant.modules import _QuantWeighted
-from ..quant.patch import PATCHERS
 from timm.layers import Attention
 from timm.models.swin_transformer import WindowAttention
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .observers import Observer
-from .quantizer import QuantSpec, fake_quant, grad_scale, param_shape, quantize_codes, to_stat_view
+from .quantizer import QuantSpec, fake_quant, grad_scale, quantize_codes
 
 
 class Quantizer(nn.Module):

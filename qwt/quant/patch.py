@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 import torch.nn as nn
 from timm.layers import Attention
 from timm.models.swin_transformer import WindowAttention
