@@ -128,9 +128,12 @@ def test_singular_x_gives_finite_output(kind):
         X = X[:, :1].repeat(1, 6)
     s = StreamingLeastSquares(6, 3)
     s.update(X, R)
-    W, b = s.solve(0.0)  # plain solve is singular: the ridge is raised until Cholesky succeeds
+    W, b = s.solve(0.0)  # singular: where the plain Cholesky fails, the ridge is raised until it succeeds
     assert torch.isfinite(W).all() and torch.isfinite(b).all()
-    assert s.ridge_used is not None and s.ridge_used > 0
+    assert s.ridge_used is not None
+    if kind == "zero":  # an exactly zero column gives G a zero pivot: the plain Cholesky fails on every machine
+        assert s.ridge_used > 0
+    # (duplicate / rank-1 columns: rounding may leave a tiny positive pivot, so the plain solve can succeed)
     # the fit is still (nearly) the least-squares optimum of the rank-deficient problem
     A = torch.cat([X, torch.ones_like(X[:, :1])], dim=-1)
     best = torch.linalg.lstsq(A, R, driver="gelsd").solution
