@@ -17,7 +17,26 @@ from pathlib import Path
 NON_RESULT_KEYS = ("results", "logger", "runtime", "hydra")
 
 
-def config_key(config: dict, variant: str) -> str:
+def state_digest(model) -> str:
+    """A digest of a model's float weights (every state-dict tensor, in key order; tensors of more
+    than 2^20 elements contribute their shape, sum and a fixed strided sample of 2^20 elements)."""
+    import torch
+
+    h = hashlib.blake2b(digest_size=8)
+    for k, t in sorted(model.state_dict().items()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        flat = t.reshape(-1)
+        if flat.numel() > 2**20:
+            h.update(repr(float(flat.double().sum())).encode())
+            flat = flat[:: flat.numel() // 2**20]
+        h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes() if flat.dtype != torch.bool else flat.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def config_key(config: dict, variant: str, weights: str | None = None) -> str:
     relevant = {k: v for k, v in config.items() if k not in NON_RESULT_KEYS}
     data = relevant.get("data")
     if isinstance(data, dict):  # where the dataset lives does not change the result
@@ -25,7 +44,10 @@ def config_key(config: dict, variant: str) -> str:
     model = relevant.get("model")
     if isinstance(model, dict):
         relevant["model"] = {k: v for k, v in model.items() if k != "cache_dir"}
-    blob = json.dumps({"config": relevant, "variant": variant}, sort_keys=True, default=str)
+    key = {"config": relevant, "variant": variant}
+    if weights is not None:  # rows made from other weights are other results
+        key["weights"] = weights
+    blob = json.dumps(key, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

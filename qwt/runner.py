@@ -1,6 +1,17 @@
-"""The pipeline: FP model -> evaluate FP -> stage-1 PTQ -> for each compensation variant: copy,
-apply the chain, evaluate, write one result row. Nothing task-specific beyond the task module;
-the only file in ``qwt/`` that sees Hydra's config object."""
+"""The pipeline: FP model -> evaluate FP -> stage-1 PTQ -> for each compensation variant: apply the
+chain, evaluate, write one result row. Everything task- or family-specific comes from the task
+object (``task=<name>``, ``qwt/tasks/``) and the model's adapter; this module imports neither a
+task module nor a model library, and it is the only file in ``qwt/`` that sees Hydra's config.
+
+Memory (``runtime.memory``):
+  copies  the FP model, the stage-1 model and one copy per variant (the FP model is the teacher of
+          distillation losses, bit for bit the unquantized model);
+  lean    one model: stage 1 quantizes the FP model in place (its float path *is* the FP model, so
+          FP weights exist once), the stage-1 state is kept once (on the CPU when the device is a
+          GPU and there are several variants) and each variant starts from a copy of it; teachers
+          are the float path of the variant's own model.
+``runtime.offload=cpu`` keeps the layer-wise engine's cached activations on the CPU.
+"""
 from __future__ import annotations
 
 import os
@@ -10,16 +21,14 @@ import uuid
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from . import dist
 from .compensation import CompContext, apply_variant, extra_params, model_size_mb, parse_variant
-from .models import adapter_for
-from .models.zoo import build_model
+from .errors import ConfigError
+from .models.base import FloatView
 from .ptq import apply_ptq, get_specs
 from .results import append_row, config_key, finished_keys, git_sha, now_iso, read_rows, versions
-from .errors import ConfigError
-from .tasks.classification import build_data, calibration_batches, evaluate
+from .tasks.base import make_task
 from .tracking import make_logger
 
 
@@ -51,7 +60,8 @@ def run(cfg: DictConfig) -> list[dict]:
     device = resolve_device(rt["device"])
     if rt.get("threads"):
         torch.set_num_threads(int(rt["threads"]))
-    torch.manual_seed(int(c["seed"]))
+    seed = int(c["seed"])
+    torch.manual_seed(seed)
 
     variants = list(c["compensation"]["variants"])
     for v in variants:
@@ -59,7 +69,17 @@ def run(cfg: DictConfig) -> list[dict]:
     ptq_name = c["ptq"]["name"]
     if ptq_name == "fp" and any(parse_variant(v) for v in variants):
         raise ConfigError("ptq=fp (no quantization) has nothing to compensate: use compensation=none")
-    keys = {v: config_key(c, v) for v in variants}
+    memory = rt.get("memory", "copies")
+    if memory not in ("copies", "lean"):
+        raise ConfigError(f"runtime.memory={memory!r}: use copies or lean")
+    store = None if rt.get("offload", "none") in (None, "none") else rt["offload"]
+
+    # the task builds its data first: a missing dataset fails before any download / training
+    task = make_task(c, device, log)
+    fp_model = task.build_model().to(device)
+    fp_adapter = task.adapter(fp_model)
+    digest = task.weights_digest(fp_model)
+    keys = {v: config_key(c, v, digest) for v in variants}
     results_path = c["results"]["path"]
     done = finished_keys(results_path) if c["results"]["skip_finished"] else set()
     todo = [v for v in variants if keys[v] not in done]
@@ -69,71 +89,74 @@ def run(cfg: DictConfig) -> list[dict]:
         stored = {r["config_key"]: r for r in read_rows(results_path) if "config_key" in r}
         rows = [stored[keys[v]] for v in variants]
         if dist.is_main():
-            print(format_table(rows, rows[0]["fp_metrics"], c))
+            print(task.format_table(rows, rows[0]["fp_metrics"]))
         return []
     if len(todo) < len(variants):
         log(f"[qwt] skipping {len(variants) - len(todo)} finished variants: {[v for v in variants if v not in todo]}")
 
-    # data before the model: a missing dataset fails before any download / training
-    data = build_data(c["data"], c["model"])
-    fp_model = build_model(c["model"], log=log).to(device)
-    fp_adapter = adapter_for(fp_model)
-    bs = int(rt["eval_batch_size"])
     t0 = time.time()
-    fp_metrics, fp_preds = evaluate(fp_model, data, bs, device, rt["num_workers"], desc="eval fp")
+    fp_metrics, fp_ref = task.evaluate(fp_adapter, desc="eval fp")
     fp_eval_s = time.time() - t0
-    log(f"[qwt] FP {c['model']['name']}: top-1 {fp_metrics['top1']:.2f}")
-
-    seed = int(c["seed"])
-
-    def calib(n, transform, batch_size, shard=False):
-        return calibration_batches(data, n, transform, batch_size, seed, device, shard=shard)
-
-    def train_batches(batch_size):
-        g = torch.Generator().manual_seed(seed)
-        for x, y in DataLoader(data.train, batch_size=batch_size, shuffle=True, generator=g, num_workers=rt["num_workers"]):
-            yield x.to(device), y.to(device)
+    log(f"[qwt] FP {c['model']['name']}: {task.log_line(fp_metrics)}")
 
     w_bits, a_bits = int(c["bits"]["w"]), int(c["bits"]["a"])
     t0 = time.time()
-    q_adapter = fp_adapter.clone()
+    q_adapter = fp_adapter if memory == "lean" else fp_adapter.clone()
+    ptq_info = {}
     if ptq_name != "fp":
         p = c["ptq"]
         specs = get_specs(ptq_name, w_bits, a_bits, **p.get("options", {}))
-        batches = [x for x, _ in calib(int(p["num_samples"]), p["calib_transform"], int(p["batch_size"]))]
-        apply_ptq(q_adapter, specs, batches, int(p["max_observer_elements"]))
+        batches = task.calibration(int(p["num_samples"]), p["calib_transform"], int(p["batch_size"]))
+        ptq_info = apply_ptq(q_adapter, specs, batches, int(p["max_observer_elements"]), store=store, settings=p)
+        del batches
     ptq_s = time.time() - t0
     log(f"[qwt] stage 1: {ptq_name} W{w_bits}A{a_bits} in {ptq_s:.1f}s")
+    park = memory == "lean" and device.type == "cuda" and len(todo) > 1
+    if park:  # the stage-1 state is kept once, off the device; each variant gets a device copy
+        q_adapter.model.to("cpu")
 
     logger = make_logger(c["logger"]) if dist.is_main() else make_logger(None)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     sha, vers = git_sha(), versions()
     rows = []
-    for variant in todo:
-        adapter = q_adapter.clone()
-        ctx = CompContext(adapter, fp_adapter, calib, train_batches, device, log)
+    for i, variant in enumerate(todo):
+        last = i == len(todo) - 1
+        if memory == "lean":
+            adapter = q_adapter if last else q_adapter.clone()
+            adapter.model.to(device)
+            teacher = FloatView(adapter)
+        else:
+            adapter, teacher = q_adapter.clone(), fp_adapter
+        ctx = CompContext(adapter, teacher, task.calibration, task.train_batches, device, log,
+                          task.supervised_loss, store)
         t0 = time.time()
         info = apply_variant(ctx, variant, c["compensation"])
         comp_s = time.time() - t0
         t0 = time.time()
-        metrics, _ = evaluate(adapter.model, data, bs, device, rt["num_workers"], fp_preds=fp_preds, desc=f"eval {variant}")
+        metrics, _ = task.evaluate(adapter, reference=fp_ref, desc=f"eval {variant}")
         eval_s = time.time() - t0
         row = {
             "run_id": run_id, "config_key": keys[variant], "exp": c.get("exp_name", "default"), "task": c["task"],
             "model": c["model"]["name"], "dataset": c["data"]["name"], "w_bits": w_bits, "a_bits": a_bits,
             "ptq": ptq_name, "compensation": variant, "metrics": metrics, "fp_metrics": fp_metrics,
+            "headline": task.headline, "weights_digest": digest,
             "timings": {"ptq_s": round(ptq_s, 3), "compensation_s": round(comp_s, 3), "eval_s": round(eval_s, 3), "fp_eval_s": round(fp_eval_s, 3)},
             "extra_params": extra_params(adapter.model), "model_size_mb": round(model_size_mb(adapter.model), 4),
             "peak_mem_mb": round(peak_mem_mb(device), 1), "seed": seed, "world_size": dist.world(), "device": str(device),
-            "git_sha": sha, "versions": vers, "compensation_info": _jsonable(info), "config": c, "finished_at": now_iso(),
+            "git_sha": sha, "versions": vers, "ptq_info": _jsonable(ptq_info), "compensation_info": _jsonable(info),
+            "config": c, "finished_at": now_iso(),
         }
         if dist.is_main():
             append_row(results_path, row)
             logger.log_row(row)
         rows.append(row)
-        log(f"[qwt] {variant:<12} top-1 {metrics['top1']:.2f}  agreement {metrics.get('agreement', float('nan')):.2f}  ({comp_s:.1f}s)")
+        log(f"[qwt] {variant:<12} {task.log_line(metrics)}  ({comp_s:.1f}s)")
+        if memory == "lean" and not last:
+            del adapter, ctx, teacher
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     if dist.is_main():
-        print(format_table(rows, fp_metrics, c))
+        print(task.format_table(rows, fp_metrics))
     return rows
 
 
@@ -147,15 +170,3 @@ def _jsonable(x):
     if isinstance(x, float):
         return round(x, 6)
     return x
-
-
-def format_table(rows: list[dict], fp_metrics: dict, c: dict) -> str:
-    head = f"{c['model']['name']} | {c['data']['name']} | {c['ptq']['name']} W{c['bits']['w']}A{c['bits']['a']}"
-    lines = [head, f"{'variant':<14}{'top-1':>8}{'agree':>8}{'calib s':>9}{'extra params':>14}{'size MB':>9}", "-" * 62]
-    lines.append(f"{'FP':<14}{fp_metrics['top1']:>8.2f}{'':>8}{'':>9}{'':>14}{'':>9}")
-    for r in rows:
-        m = r["metrics"]
-        calib_s = r["timings"]["compensation_s"] + (r["timings"]["ptq_s"] if r["compensation"] == "none" else 0)
-        name = "base" if r["compensation"] == "none" else r["compensation"]
-        lines.append(f"{name:<14}{m['top1']:>8.2f}{m.get('agreement', float('nan')):>8.2f}{calib_s:>9.1f}{r['extra_params']:>14,d}{r['model_size_mb']:>9.3f}")
-    return "\n".join(lines)

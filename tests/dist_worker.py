@@ -76,15 +76,15 @@ def run_qwt(out: Path):
     q_adapter = fp_adapter.clone()
 
     def calib(n, transform, batch_size, shard=False):
-        return [(x.to(dtype), y) for x, y in calibration_batches(data, n, transform, batch_size, seed, device, shard=shard)]
+        return [x.to(dtype) for x, _ in calibration_batches(data, n, transform, batch_size, seed, device, shard=shard)]
 
-    batches = [x for x, _ in calib(32, "train", 32)]
+    batches = calib(32, "train", 32)
     apply_ptq(q_adapter, get_specs("rtn", 4, 4), batches)
     ctx = CompContext(q_adapter, fp_adapter, calib, lambda bs: iter(()), device, log=lambda *_: None)
     info = qwt_method.apply(ctx, comp_cfg)
     branches = {n: {k: v.detach().clone() for k, v in m.branch.state_dict().items()}
                 for n, m in q_adapter.model.named_modules() if isinstance(m, QwTBlock)}
-    n_local = sum(x.shape[0] for x, _ in calib(comp_cfg["num_samples"], comp_cfg["calib_transform"], 32, shard=True))
+    n_local = sum(x.shape[0] for x in calib(comp_cfg["num_samples"], comp_cfg["calib_transform"], 32, shard=True))
     torch.save({"branches": branches, "r2": info["r2"], "n_local": n_local}, out / f"qwt-ws{dist.world()}-rank{dist.rank()}.pt")
 
 

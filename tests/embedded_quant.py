@@ -14,7 +14,7 @@ _CACHE: dict = {}
 
 def calib_fn(data):
     def calib(n, transform, batch_size, shard=False):
-        return calibration_batches(data, n, transform, batch_size, SEED, "cpu", shard=shard)
+        return [x for x, _ in calibration_batches(data, n, transform, batch_size, SEED, "cpu", shard=shard)]
 
     return calib
 
@@ -37,7 +37,7 @@ def quantized(embedded_vit, method: str, w_bits: int = 4, a_bits: int = 4):
     if key not in _CACHE:
         model, data = embedded_vit
         adapter = adapter_for(model).clone()
-        batches = [x for x, _ in calib_fn(data)(32, "train", 32)]
+        batches = calib_fn(data)(32, "train", 32)
         with torch.no_grad():
             apply_ptq(adapter, get_specs(method, w_bits, a_bits), batches)
         _CACHE[key] = (adapter, top1(adapter.model, data))

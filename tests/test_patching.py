@@ -12,7 +12,7 @@ from conftest import make_tiny_resnet, make_tiny_swin, make_tiny_vit
 from qwt.models import adapter_for
 from qwt.ptq import apply_ptq, get_specs
 from qwt.quant import LayerQuant, QuantConv2d, QuantLinear, QuantMatMul, QuantSpec, quantize_model, set_quant_state
-from qwt.quant.patch import QuantAttention, QuantWindowAttention
+from qwt.models.timm_attention import QuantAttention, QuantWindowAttention
 
 W_BITS, A_BITS = 4, 6  # different, so a weight / activation mix-up shows
 METHODS = ["rtn", "percentile", "repq_vit", "hist_w8a8"]

@@ -48,7 +48,7 @@ def _tiny(kind, bits=(4, 8), n=16):
 def _ctx(q, fp, x):
     def calib(n, transform, batch_size, shard=False):
         xs = x[:n]
-        return [(xs[i : i + batch_size], torch.zeros(len(xs[i : i + batch_size]), dtype=torch.long)) for i in range(0, len(xs), batch_size)]
+        return [xs[i : i + batch_size] for i in range(0, len(xs), batch_size)]
 
     return CompContext(q, fp, calib, None, torch.device("cpu"), log=lambda *_: None)
 
@@ -139,7 +139,7 @@ def test_distillation_loss_decreases_on_the_embedded_model_at_w4a8(embedded_vit)
     apply_ptq(q, get_specs("rtn", 4, 8), [x for x, _ in calibration_batches(data, 32, "train", 32, 0, "cpu")])
 
     def calib(n, transform, batch_size, shard=False):
-        return calibration_batches(data, n, transform, batch_size, 0, "cpu", shard=shard)
+        return [x for x, _ in calibration_batches(data, n, transform, batch_size, 0, "cpu", shard=shard)]
 
     ctx = CompContext(q, fp, calib, None, torch.device("cpu"), log=lambda *_: None)
     info = qft.apply(ctx, _cfg(num_samples=256, batch_size=32, epochs=4))  # 32 steps, default learning rates

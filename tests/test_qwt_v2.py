@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 from conftest import ROOT, make_tiny_vit
 from qwt.compensation import CompContext, apply_variant, extra_params
 from qwt.compensation import qwt_v2
-from qwt.compensation.qwt_v2 import ChannelStats, execution_order, fit_layer, fold_affine, fold_all
+from qwt.compensation.qwt_v2 import ChannelStats, fit_layer, fold_affine, fold_all
+from qwt.engine import LayerwiseEngine
 from qwt.models import adapter_for
 from qwt.ptq import apply_ptq, get_specs
 from qwt.quant import set_quant_state
@@ -30,8 +31,7 @@ def settings(**overrides):
 def random_calib(n, transform, batch_size, shard=False):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, *SHAPE, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
+    return [x[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
 def n_params(model):
@@ -52,7 +52,7 @@ def stage1(method="rtn", bits=(4, 4)):
     torch.manual_seed(0)
     fp = make_tiny_vit()
     q = adapter_for(copy.deepcopy(fp))
-    apply_ptq(q, get_specs(method, *bits), [x for x, _ in random_calib(16, "train", 16)])
+    apply_ptq(q, get_specs(method, *bits), random_calib(16, "train", 16))
     return adapter_for(fp), q
 
 
@@ -75,8 +75,8 @@ def test_every_layer_is_compensated(case):
     _, _, folded, info_f, unfolded, info_u = case
     n_layers = len(layers(folded.model))
     assert n_layers == 2 * 4 + 2  # patch_embed.proj, 4 Linears per block, head
-    assert info_f == {"layers_folded": n_layers, "layers_unfolded": 0}
-    assert info_u == {"layers_folded": 0, "layers_unfolded": n_layers}
+    assert info_f == {"layers_folded": n_layers, "layers_unfolded": 0, "target": "local"}
+    assert info_u == {"layers_folded": 0, "layers_unfolded": n_layers, "target": "local"}
     for _, m in layers(unfolded.model):
         assert m.out_gamma is not None and m.out_beta is not None
     for _, m in layers(folded.model):
@@ -144,7 +144,7 @@ def test_gain_offset_is_per_channel_least_squares(case):
     adapter = q.clone()
     name = "blocks.0.mlp.fc1"
     layer = adapter.get(name)
-    inputs = [x for x, _ in random_calib(N_CALIB, "train", BATCH)]
+    inputs = random_calib(N_CALIB, "train", BATCH)
     set_quant_state(adapter.model, True, True)
     # record the layer's input on the quantized model, then its quantized and float outputs
     rows_q, rows_fp = [], []
@@ -168,7 +168,9 @@ def test_gain_offset_is_per_channel_least_squares(case):
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(b, b_ref, rtol=1e-4, atol=1e-5)
     # fit_layer on the model (the forward stops at the layer)
-    g2, b2 = fit_layer(layer, adapter.forward, inputs, {})
+    walk = iter(LayerwiseEngine(adapter, inputs))
+    seg = next(walk)  # unit 0 (blocks.0), its inputs cached while the walk is alive
+    g2, b2 = fit_layer(layer, seg, {})
     torch.testing.assert_close(g2, g_ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(b2, b_ref, rtol=1e-4, atol=1e-5)
     assert (g_ref - 1).abs().max() > 1e-3  # non-trivial gains
@@ -179,7 +181,7 @@ def test_each_layer_is_fitted_on_its_compensated_upstream(case):
     of FP output on quantized output, on the input produced by the compensated upstream layers."""
     _, _, _, _, unfolded, _ = case
     model = unfolded.model
-    inputs = [x for x, _ in random_calib(N_CALIB, "train", BATCH)]
+    inputs = random_calib(N_CALIB, "train", BATCH)
     rows = {}
 
     def hook(mod, args, out):
@@ -260,7 +262,7 @@ def test_per_tensor_weights_cannot_fold():
         compensate(q_adapter, fp_adapter, fold=True)
     comp, info = compensate(q_adapter, fp_adapter, fold=True, unfoldable="keep_unfolded")
     n_layers = len(layers(comp.model))
-    assert info == {"layers_folded": 0, "layers_unfolded": n_layers}
+    assert info == {"layers_folded": 0, "layers_unfolded": n_layers, "target": "local"}
     assert extra_params(comp.model) > 0
     with torch.no_grad():
         y, y_q = comp.model(TEST_X), q_adapter.model(TEST_X)
@@ -270,16 +272,14 @@ def test_per_tensor_weights_cannot_fold():
         compensate(q_adapter, fp_adapter, unfoldable="sometimes")
 
 
-def test_execution_order_is_the_forward_order(case):
+def test_segment_layers_are_in_forward_order(case):
     _, q, _, _, _, _ = case
-    order = execution_order(q, TEST_X)
-    expected = ["patch_embed.proj"]
+    got = [[n for n, _ in seg.layers()] for seg in LayerwiseEngine(q, [TEST_X], kinds=("stem", "unit", "head"))]
+    expected = [["patch_embed.proj"]]
     for i in range(2):
-        expected += [f"blocks.{i}.attn.qkv", f"blocks.{i}.attn.proj", f"blocks.{i}.mlp.fc1", f"blocks.{i}.mlp.fc2"]
-    expected.append("head")
-    assert order == expected
-    segs = qwt_v2._segments(q, order)
-    assert [names for _, names in segs] == [["patch_embed.proj"], expected[1:5], expected[5:9], ["head"]]
+        expected.append([f"blocks.{i}.attn.qkv", f"blocks.{i}.attn.proj", f"blocks.{i}.mlp.fc1", f"blocks.{i}.mlp.fc2"])
+    expected.append(["head"])
+    assert got == expected
 
 
 def test_second_pass_changes_almost_nothing(case):

@@ -43,7 +43,7 @@ def repq_with_capture(fp, family, w_bits=4, a_bits=4):
     captured = {}
 
     def hook(adapter, specs):
-        for ln, lins in adapter.ln_linear_pairs():
+        for ln, lins in adapter.norm_linear_pairs():
             for name in lins:
                 qz = adapter.get(name).in_quant
                 captured[name] = (qz.spec, qz.scale.clone(), qz.zero.clone())
@@ -75,7 +75,7 @@ def test_reparameterization_is_an_exact_float_identity(reparameterized, family):
     fp, q, adapter, _ = reparameterized[family]
     # the reparameterization did change the LayerNorms and Linears (else the test means nothing)
     fp_ad = adapter_for(fp)
-    for ln, lins in adapter.ln_linear_pairs():
+    for ln, lins in adapter.norm_linear_pairs():
         assert not torch.allclose(adapter.get(ln).weight, fp_ad.get(ln).weight)
         assert not torch.allclose(adapter.get(lins[0]).weight, fp_ad.get(lins[0]).weight)
     x = torch.randn(16, *INPUT[family], generator=torch.Generator().manual_seed(9)) * 1.5
@@ -91,7 +91,7 @@ def test_reparameterization_is_an_exact_float_identity(reparameterized, family):
 
 def test_swin_patch_merging_reduction_is_reparameterized(reparameterized):
     fp, q, adapter, captured = reparameterized["swin"]
-    pairs = dict(adapter.ln_linear_pairs())
+    pairs = dict(adapter.norm_linear_pairs())
     assert pairs["layers.1.downsample.norm"] == ["layers.1.downsample.reduction"]
     red = adapter.get("layers.1.downsample.reduction")
     # the reduction had no bias; the fold needs one (W beta)
@@ -103,7 +103,7 @@ def test_swin_patch_merging_reduction_is_reparameterized(reparameterized):
 @pytest.mark.parametrize("family", ["deit", "swin"])
 def test_post_ln_quantizers_become_per_tensor_with_mean_scale(reparameterized, family):
     _, _, adapter, captured = reparameterized[family]
-    assert len(captured) == sum(len(lins) for _, lins in adapter.ln_linear_pairs()) > 0
+    assert len(captured) == sum(len(lins) for _, lins in adapter.norm_linear_pairs()) > 0
     for name, (spec, scale_c, zero_c) in captured.items():
         assert spec.granularity == "channel"
         lin = adapter.get(name)
@@ -128,7 +128,7 @@ def test_per_tensor_quantization_after_reparam_equals_per_channel_before(reparam
     fp, q, adapter, captured = reparameterized[family]
     fp_ad = adapter_for(fp)
     x = torch.randn(4, *INPUT[family], generator=torch.Generator().manual_seed(11))
-    for ln_name, lins in adapter.ln_linear_pairs():
+    for ln_name, lins in adapter.norm_linear_pairs():
         ln_in = {}
         h = fp_ad.get(ln_name).register_forward_hook(lambda m, a, o: ln_in.setdefault("x", a[0]))
         with torch.no_grad():

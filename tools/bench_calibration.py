@@ -135,12 +135,12 @@ def feature_chunks(adapter, input_shape, block: int, n: int, batch: int, seed: i
         for u in units[:block]:
             h = adapter.run_unit(u, h)
         u = units[block]
-        xin = adapter.unit_input(u, h)
+        xin, kw = adapter.unit_input(u, h)
         blk = adapter.get(u.name)
         set_quant_state(blk, False, False)
-        y_fp = blk(xin)
+        y_fp = blk(xin, **kw)
         set_quant_state(blk, True, True)
-        y_q = blk(xin)
+        y_q = blk(xin, **kw)
         yield xin.reshape(-1, xin.shape[-1]).contiguous(), (y_fp - y_q).reshape(-1, xin.shape[-1]).contiguous()
 
 

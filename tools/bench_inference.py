@@ -41,7 +41,7 @@ def load_yaml(rel: str) -> dict:
 
 
 def build(args):
-    """-> (fp model, calib(n, transform, batch_size, shard) -> [(x, y)], timing input, description)."""
+    """-> (fp model, calib(n, transform, batch_size, shard) -> [x], timing input, description)."""
     from qwt.models.zoo import build_model, disable_fused_attention
 
     if args.model == "embedded_vit":
@@ -55,7 +55,7 @@ def build(args):
         data = build_data({"name": "digits"}, cfg)
 
         def calib(n, transform, batch_size, shard=False):
-            return calibration_batches(data, n, transform, batch_size, args.seed, "cpu", shard=shard)
+            return [b for b, _ in calibration_batches(data, n, transform, batch_size, args.seed, "cpu", shard=shard)]
 
         n_val = len(data.val)
         idx = [i % n_val for i in range(args.batch)]
@@ -72,7 +72,7 @@ def build(args):
         def calib(n, transform, batch_size, shard=False):
             g = torch.Generator().manual_seed(args.seed + 1)
             xs = torch.randn(n, 3, 224, 224, generator=g)
-            return [(xs[s : s + batch_size], torch.zeros(len(xs[s : s + batch_size]), dtype=torch.long)) for s in range(0, n, batch_size)]
+            return [xs[s : s + batch_size] for s in range(0, n, batch_size)]
 
         x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(args.seed + 2))
         return model, calib, x, "deit_tiny_random (DeiT-T shape: dim 192, depth 12, 197 tokens; RANDOM weights, random images)"
@@ -92,7 +92,7 @@ def build_variants(args):
     t0 = time.time()
     q = fp.clone()
     specs = get_specs(args.ptq, int(bits["w"]), int(bits["a"]), **p.get("options", {}))
-    apply_ptq(q, specs, [b for b, _ in calib(int(p["num_samples"]), p["calib_transform"], int(p["batch_size"]))], int(p["max_observer_elements"]))
+    apply_ptq(q, specs, calib(int(p["num_samples"]), p["calib_transform"], int(p["batch_size"])), int(p["max_observer_elements"]))
     settings = load_yaml("compensation/_methods.yaml")
     calib_n = args.calib if args.calib is not None else (512 if args.model == "embedded_vit" else 64)
     for m in ("qwt", "qwt_v2"):

@@ -7,27 +7,40 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ..engine import LayerwiseEngine
 from ..models.base import ModelAdapter
 from ..quant.modules import _QuantWeighted
 
 
 @dataclass
 class CompContext:
-    """adapter: the quantized model (changed in place). fp_adapter: the float model (teacher /
-    targets). calib(n, transform, batch_size, shard) -> list of (x, y) batches. train_batches(
-    batch_size) -> iterable over the training set (one epoch)."""
+    """What a stage-2 method receives.
+
+    adapter: the quantized model (changed in place). fp_adapter: the float model (the teacher of
+    distillation losses): a separate FP model, or ``FloatView(adapter)`` (the same model's float
+    path, no second copy). calib(n, transform, batch_size, shard) -> list of calibration batches in
+    the form the adapter's stem consumes. train_batches(batch_size) -> iterable of (batch, target)
+    over the training set (one epoch). supervised_loss(output, target): the task's training loss
+    (QwT*). store: where the layer-wise engine keeps cached activations ("cpu" offloads).
+    """
 
     adapter: ModelAdapter
     fp_adapter: ModelAdapter
     calib: Callable
-    train_batches: Callable
-    device: torch.device
+    train_batches: Callable | None = None
+    device: torch.device | str = "cpu"
     log: Callable = print
+    supervised_loss: Callable | None = None
+    store: str | None = None
 
-    def calib_images(self, cfg: dict) -> list:
-        """The calibration images a closed-form method fits on (this rank's share under torchrun)."""
-        batches = self.calib(int(cfg["num_samples"]), cfg["calib_transform"], int(cfg["batch_size"]), shard=True)
-        return [x for x, _ in batches]
+    def calib_batches(self, cfg: dict) -> list:
+        """The calibration batches a closed-form method fits on (this rank's share under torchrun)."""
+        return self.calib(int(cfg["num_samples"]), cfg["calib_transform"], int(cfg["batch_size"]), shard=True)
+
+    def engine(self, cfg: dict, kinds=("unit",), fp_chain: bool = False, desc: str | None = None) -> LayerwiseEngine:
+        """A layer-wise walk of the quantized model over the method's calibration batches."""
+        return LayerwiseEngine(self.adapter, self.calib_batches(cfg), kinds=kinds, fp_chain=fp_chain,
+                               store=self.store, device=torch.device(self.device), desc=desc)
 
 
 def extra_params(model: nn.Module) -> int:

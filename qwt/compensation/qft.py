@@ -10,9 +10,11 @@ Degrees of freedom (groups; each switchable and with its own learning rate, ``cf
             the attention matmuls (incl. the log-sqrt2 softmax quantizer's delta), LSQ gradients
   precond   per-channel preconditioning factors s = exp(t) > 0 (cross-layer-equalization form):
             the producer's output channel c is divided by s_c, the consumer's input column c is
-            multiplied by s_c. Exact in float; folded into the graph after training:
-              ln_linear  LayerNorm -> Linear (ViT/Swin norm1 -> attn.qkv, norm2 -> mlp.fc1, Swin's
-                         downsample.norm -> reduction): LN gamma, beta /= s; W[:, c] *= s_c.
+            multiplied by s_c. Exact in float; folded into the graph after training. The sites
+            come from the model's adapter (``precond_pairs``), which knows its family:
+              ln_linear  norm -> Linear (ViT/Swin norm1 -> attn.qkv, norm2 -> mlp.fc1, Swin's
+                         downsample.norm -> reduction; LayerNorm or RMSNorm): norm gamma (and
+                         beta, if it has one) /= s; W[:, c] *= s_c.
               v_proj     v part of attn.qkv -> attn.proj (attention is linear in v; the softmax
                          weights mix tokens, not channels): qkv rows and bias of v /= s, and the
                          v rows' per-channel weight step sizes /= s too, so s moves the v
@@ -30,8 +32,8 @@ Degrees of freedom (groups; each switchable and with its own learning rate, ``cf
   Zero-points stay fixed (stage-1 values).
 
 Loss (our reading; the paper's exact loss is not recovered): ``output_weight`` x distance between
-the quantized and float model outputs (``target``: logits or pre-logits features; ``distance``:
-mse or kl on logits) + ``block_weight`` x mean over units of MSE(quantized unit output, float unit
+the quantized and float model outputs (``target``: ``output`` = the task head's output, e.g.
+logits, or ``features`` = the adapter's pre-head features; ``distance``: mse, or kl on logits) + ``block_weight`` x mean over units of MSE(quantized unit output, float unit
 output) on the same input image. Adam, per-group learning rates, cosine or constant schedule,
 ``epochs`` over ``num_samples`` calibration images reshuffled every epoch. The model runs in eval
 mode (BatchNorm statistics and dropout fixed). Float teacher outputs are computed once when
@@ -59,9 +61,10 @@ from torch.nn.utils import parametrize
 
 from .. import dist
 from ..errors import ConfigError
+from ..engine import run_chain
+from ..models.base import batch_cat, batch_len, batch_take
 from ..quant import set_quant_state
 from ..quant.modules import QuantModule, Quantizer, _act_quantizers, _QuantWeighted
-from ..quant.patch import QuantAttention, QuantWindowAttention
 from ..quant.quantizer import quantize_codes
 from .base import CompContext
 
@@ -69,7 +72,6 @@ GROUPS = ("weight", "bias", "w_scale", "a_scale", "precond")
 SITES = ("ln_linear", "v_proj", "bn_conv")
 RELATIVE = ("weight", "w_scale", "a_scale")  # groups whose lr is relative to a grid step (see QFT.param_groups)
 SCALE_EPS = 1e-8
-HOMOGENEOUS_ACTS = (nn.ReLU, nn.LeakyReLU, nn.Identity)  # f(y / s) = f(y) / s for s > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,78 +113,12 @@ class PrecondPair:
     entries: list = field(default_factory=list)
 
 
-def _get(model: nn.Module, name: str) -> nn.Module:
-    """``model.get_submodule(name)``, looking through units wrapped by an earlier compensation
-    (QwT's QwTBlock keeps the original block as ``.block``)."""
-    mod = model
-    for part in name.split("."):
-        if not hasattr(mod, part) and hasattr(mod, "block"):
-            mod = mod.block
-        mod = getattr(mod, part)
-    return mod
-
-
-def _act_between(block, names) -> bool:
-    for n in names:
-        m = getattr(block, n, None)
-        if m is not None and not isinstance(m, HOMOGENEOUS_ACTS):
-            return False
-    return True
-
-
-def find_pairs(adapter, sites=SITES) -> list[tuple[str, str, int, list]]:
-    """[(name, site, channels, entries)] of every foldable preconditioning site of ``adapter.model``;
-    an entry is (module, tensor name, dim, offset, inverse)."""
+def find_pairs(adapter, sites=SITES) -> list:
+    """The adapter's foldable preconditioning sites of ``sites`` (``PrecondSite`` list)."""
     bad = set(sites) - set(SITES)
     if bad:
         raise ConfigError(f"compensation.qft.precond_sites: unknown {sorted(bad)}; choose from {list(SITES)}")
-    model = adapter.model
-    out = []
-    if "ln_linear" in sites:
-        for ln_name, lin_names in adapter.ln_linear_pairs():
-            ln = _get(model, ln_name)
-            lins = [_get(model, n) for n in lin_names]
-            if not isinstance(ln, nn.LayerNorm) or ln.weight is None or ln.bias is None:
-                continue
-            if not all(isinstance(m, _QuantWeighted) for m in lins):
-                continue
-            entries = [(ln, "weight", 0, 0, True), (ln, "bias", 0, 0, True)]
-            entries += [(m, "weight", 1, 0, False) for m in lins]
-            out.append((ln_name, "ln_linear", ln.weight.numel(), entries))
-    if "v_proj" in sites:
-        for name, m in model.named_modules():
-            if not isinstance(m, (QuantAttention, QuantWindowAttention)):
-                continue
-            qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
-            if not (isinstance(qkv, _QuantWeighted) and isinstance(proj, _QuantWeighted)):
-                continue
-            if not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
-                continue  # a norm between attn @ v and proj breaks the linearity
-            d = proj.in_features
-            if qkv.out_features != 3 * d:
-                continue
-            entries = [(qkv, "weight", 0, 2 * d, True)]
-            if qkv.bias is not None:
-                entries.append((qkv, "bias", 0, 2 * d, True))
-            if qkv.per_channel_weight_scale():
-                entries.append((qkv.w_quant, "scale", 0, 2 * d, True))
-            entries.append((proj, "weight", 1, 0, False))
-            out.append((f"{name}.v", "v_proj", d, entries))
-    if "bn_conv" in sites and adapter.family == "resnet":
-        for unit in adapter.units():
-            block = adapter.get(unit.name)
-            block = getattr(block, "block", block)  # a QwT-wrapped unit
-            chain = [("bn1", ["drop_block", "act1", "aa"], "conv2")] if not hasattr(block, "conv3") else \
-                [("bn1", ["act1"], "conv2"), ("bn2", ["drop_block", "act2", "aa"], "conv3")]
-            for bn_n, between, conv_n in chain:
-                bn, conv = getattr(block, bn_n, None), getattr(block, conv_n, None)
-                if type(bn) is not nn.BatchNorm2d or not bn.affine or not isinstance(conv, _QuantWeighted):
-                    continue
-                if conv.groups != 1 or not _act_between(block, between):
-                    continue
-                entries = [(bn, "weight", 0, 0, True), (bn, "bias", 0, 0, True), (conv, "weight", 1, 0, False)]
-                out.append((f"{unit.name}.{bn_n}", "bn_conv", bn.num_features, entries))
-    return out
+    return adapter.precond_pairs(tuple(sites))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,16 +157,16 @@ class QFT:
         for m in model.modules():
             if isinstance(m, QuantModule):
                 for q in _act_quantizers(m):
-                    if q.calibrated:
+                    if q.calibrated and not q.spec.dynamic:
                         self._prepare(q, "a_scale" if train["a_scale"] else None)
         self.pairs: list[PrecondPair] = []
         self._parametrized: list[tuple[nn.Module, str]] = []
         if train["precond"]:
             device = next(model.parameters()).device
-            for name, site, n, entries in find_pairs(adapter, sites):
-                t = nn.Parameter(torch.zeros(n, device=device))
-                pair = PrecondPair(name, site, t, entries)
-                for mod, tname, dim, offset, inverse in entries:
+            for ps in find_pairs(adapter, sites):
+                t = nn.Parameter(torch.zeros(ps.channels, device=device))
+                pair = PrecondPair(ps.name, ps.site, t, ps.entries)
+                for mod, tname, dim, offset, inverse in ps.entries:
                     parametrize.register_parametrization(mod, tname, _ChannelFactor(t, dim, offset, inverse))
                     if (mod, tname) not in self._parametrized:
                         self._parametrized.append((mod, tname))
@@ -309,13 +245,8 @@ class QFT:
 
 
 def _forward(adapter, x, target: str, keep_units: bool):
-    h = adapter.stem(x)
-    hs = []
-    for u in adapter.units():
-        h = adapter.run_unit(u, h)
-        if keep_units:
-            hs.append(h)
-    out = adapter.head(h) if target == "logits" else adapter.pre_logits(h)
+    s, hs = run_chain(adapter, x, keep_units)
+    out = adapter.head(s) if target == "output" else adapter.features(s)
     return out, hs
 
 
@@ -331,12 +262,13 @@ def _distance(q, fp, kind: str, temperature: float):
 class Distillation:
     def __init__(self, cfg: dict):
         lc = dict(cfg.get("loss", {}))
-        self.target = lc.get("target", "logits")
-        if self.target not in ("logits", "pre_logits"):
-            raise ConfigError(f"compensation.qft.loss.target={self.target!r}: use logits or pre_logits")
+        self.target = lc.get("target", "output")
+        if self.target not in ("output", "features"):
+            raise ConfigError(f"compensation.qft.loss.target={self.target!r}: use output (the task head's output, "
+                              "e.g. logits) or features (the adapter's pre-head features)")
         self.distance = lc.get("distance", "mse")
-        if self.distance == "kl" and self.target != "logits":
-            raise ConfigError("compensation.qft.loss.distance=kl needs loss.target=logits")
+        if self.distance == "kl" and self.target != "output":
+            raise ConfigError("compensation.qft.loss.distance=kl needs loss.target=output (logits)")
         self.temperature = float(lc.get("temperature", 1.0))
         self.w_out = float(lc.get("output_weight", 1.0))
         self.w_blocks = float(lc.get("block_weight", 0.0))
@@ -370,28 +302,36 @@ def apply(ctx: CompContext, cfg: dict) -> dict:
     t0 = time.time()
     adapter, fp = ctx.adapter, ctx.fp_adapter
     batches = ctx.calib(int(cfg["num_samples"]), cfg["calib_transform"], int(cfg["batch_size"]), shard=True)
-    xs = torch.cat([x for x, _ in batches])
+    xs = batch_cat(batches)
+    n_xs = batch_len(xs)
     bs, epochs = int(cfg["batch_size"]), int(cfg["epochs"])
     loss_fn = Distillation(cfg)
     set_quant_state(adapter.model, True, True)
     adapter.model.eval()
     fp.model.eval()
     trainer = QFT(adapter, cfg.get("train"), cfg.get("precond_sites", SITES))
-    cache = loss_fn.w_blocks == 0  # teacher outputs once (the calibration images are fixed)
-    t_cache = torch.cat([loss_fn.teacher(fp, xs[i : i + bs])[0] for i in range(0, len(xs), bs)]) if cache else None
+    # teacher outputs once (the calibration images are fixed); always when the teacher is the float
+    # path of the model being trained (runtime.memory=lean): training changes what that path computes
+    cache = loss_fn.w_blocks == 0 or fp.model is adapter.model
+    t_cache = None
+    if cache:
+        parts = [loss_fn.teacher(fp, batch_take(xs, torch.arange(i, min(i + bs, n_xs)))) for i in range(0, n_xs, bs)]
+        t_cache = (torch.cat([p[0] for p in parts]),
+                   [torch.cat([p[1][u] for p in parts]) for u in range(len(parts[0][1]))] if loss_fn.w_blocks > 0 else None)
 
     def targets(idx):
         if cache:
-            return t_cache[idx], None
-        return loss_fn.teacher(fp, xs[idx])
+            out = t_cache[0][idx.to(t_cache[0].device)]
+            return out, None if t_cache[1] is None else [h[idx.to(h.device)] for h in t_cache[1]]
+        return loss_fn.teacher(fp, batch_take(xs, idx))
 
     @torch.no_grad()
     def full_loss():
         tot = 0.0
-        for i in range(0, len(xs), bs):
-            idx = torch.arange(i, min(i + bs, len(xs)), device=xs.device)
-            tot += float(loss_fn(adapter, xs[idx], *targets(idx))) * len(idx)
-        return tot / len(xs)
+        for i in range(0, n_xs, bs):
+            idx = torch.arange(i, min(i + bs, n_xs))
+            tot += float(loss_fn(adapter, batch_take(xs, idx), *targets(idx))) * len(idx)
+        return tot / n_xs
 
     eval_loss = bool(cfg.get("eval_loss", True))
     loss_before = full_loss() if eval_loss else None
@@ -401,20 +341,20 @@ def apply(ctx: CompContext, cfg: dict) -> dict:
     opt = torch.optim.Adam(groups, betas=betas, weight_decay=float(cfg.get("weight_decay", 0.0)))
     gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
     # every rank takes the same number of steps (shards differ by at most one image: pad by repeats)
-    n_rank = math.ceil(int(cfg["num_samples"]) / dist.world()) if dist.world() > 1 else len(xs)
+    n_rank = math.ceil(int(cfg["num_samples"]) / dist.world()) if dist.world() > 1 else n_xs
     steps_per_epoch = math.ceil(n_rank / bs)
     total = epochs * steps_per_epoch
     params = [p for g in groups for p in g["params"]]
     clip = cfg.get("grad_clip")
     losses, step = [], 0
     for ep in range(epochs):
-        perm = torch.randperm(len(xs), generator=gen).to(xs.device)
+        perm = torch.randperm(n_xs, generator=gen)
         perm = torch.cat([perm, perm[: n_rank - len(perm)]])
         for i in range(0, n_rank, bs):
             idx = perm[i : i + bs]
             for g, lr in zip(opt.param_groups, base_lr):
                 g["lr"] = lr * _lr_factor(cfg.get("schedule", "cosine"), step, total)
-            loss = loss_fn(adapter, xs[idx], *targets(idx))
+            loss = loss_fn(adapter, batch_take(xs, idx), *targets(idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if dist.world() > 1:
@@ -436,7 +376,7 @@ def apply(ctx: CompContext, cfg: dict) -> dict:
     trainer.finalize(freeze_codes=bool(cfg.get("freeze_codes", True)))
     fs = torch.cat([f.flatten() for f in factors.values()]) if factors else torch.ones(1)
     return {
-        "steps": len(losses), "epochs": epochs, "num_samples": len(xs),
+        "steps": len(losses), "epochs": epochs, "num_samples": n_xs,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "loss_before": loss_before, "loss_after": loss_after,
         "trainable": trainer.counts(),

@@ -2,11 +2,16 @@
 
     Y = block_Q(X) + X W + b
 
-Blocks are fitted in order. For block k, X is the output of the already-compensated quantized
-blocks 0..k-1 (the quantized path's own activations). The same X goes through block k with
-quantization off (Y_FP) and on (Y_Q); W, b minimise ||(Y_FP - Y_Q) - X W - b||^2 (every token /
-pixel a row), solved from streamed float64 statistics (``lstsq.py``). R^2 gate: a block whose
-fit has R^2 <= 0 gets no branch. ``start_block`` leaves earlier blocks alone.
+Blocks (the adapter's units) are fitted in order through the layer-wise engine. For block k, X is
+the output of the already-compensated quantized blocks 0..k-1 (the quantized path's own
+activations); Y_Q is block k's quantized output on X. The target Y_FP (``target``):
+  local   block k with quantization off on the same X (the vision reference code, the paper);
+  global  the FP model's own output of block k (the FP chain), so the branch also absorbs the
+          error accumulated upstream (the reference LLaMA code).
+W, b minimise ||(Y_FP - Y_Q) - X W - b||^2 (every token / pixel a row), solved from streamed
+float64 statistics (``lstsq.py``). R^2 gate: a block whose fit has R^2 <= 0 gets no branch.
+``start_block`` leaves earlier blocks alone. The branch sees only the block's main input; keyword
+state (masks, position embeddings, conditioning) passes through to the block unchanged.
 
 ResNet blocks change shape, so their branch is a grouped 1x1 convolution (``group_channels``
 input channels per group, stride = the block's spatial stride), each group an independent
@@ -17,9 +22,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
-
-from .. import dist
 
 from ..quant import set_quant_state
 from .base import CompContext
@@ -27,9 +29,11 @@ from .lstsq import StreamingLeastSquares
 
 
 class QwTBlock(nn.Module):
-    """block(x) + branch(x); the branch is active only when the model runs quantized."""
+    """block(x, ...) + branch(x); the branch is active only when the model runs quantized. A block
+    returning a tuple gets the branch added to its first element."""
 
     follows_quant_state = True
+    wraps_block = True
 
     def __init__(self, block: nn.Module, branch: nn.Module, r2: float, fp16: bool = False):
         super().__init__()
@@ -42,13 +46,19 @@ class QwTBlock(nn.Module):
     def set_quant_state(self, weight: bool, act: bool):
         self.active = bool(weight or act)
 
+    def get_quant_state(self):
+        return self.active, self.active
+
     def forward(self, x, *args, **kwargs):
-        y = self.block(x, *args, **kwargs)
+        out = self.block(x, *args, **kwargs)
         if not self.active:
-            return y
+            return out
+        y = out[0] if isinstance(out, tuple) else out
         if self.fp16:
-            return y + self.branch(x.half()).to(y.dtype)
-        return y + self.branch(x)
+            y = y + self.branch(x.half()).to(y.dtype)
+        else:
+            y = y + self.branch(x)
+        return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
 
     def extra_param_count(self) -> int:
         return sum(p.numel() for p in self.branch.parameters())
@@ -98,30 +108,24 @@ class _Rows:
 def apply(ctx: CompContext, cfg: dict) -> dict:
     """Fit and insert QwT branches into ``ctx.adapter.model``; returns per-block R^2 etc."""
     adapter = ctx.adapter
-    model = adapter.model
-    batches = ctx.calib_images(cfg)
-    set_quant_state(model, True, True)
-    hs = [adapter.stem(x) for x in batches]
+    target = cfg.get("target", "local")
+    set_quant_state(adapter.model, True, True)
     record = cfg.get("_record")  # tests: {unit index: first regression X}
     r2s, fitted, ridge_used = [], 0, []
-    for k, unit in enumerate(tqdm(adapter.units(), desc="qwt blocks", disable=not dist.is_main(), leave=False)):
-        xs = [adapter.unit_input(unit, h) for h in hs]
-        block = adapter.get(unit.name)
+    engine = ctx.engine(cfg, fp_chain=target == "global", desc="qwt blocks")
+    for seg in engine:
+        k = seg.index
         if k < int(cfg.get("start_block", 0)):
-            hs = [block(x) for x in xs]
             r2s.append(None)
             continue
-        if record is not None:
-            record[k] = xs[0].clone()
-        solver = rows = None
-        for x in xs:
-            set_quant_state(block, False, False)
-            y_fp = block(x)
-            set_quant_state(block, True, True)
-            y_q = block(x)
+        solver = rows = x0 = None
+        for x, kw, y_fp, y_q in seg.unit_pairs(target):
             if rows is None:
+                x0 = x
                 rows = _Rows(x, y_q, adapter.unit_layout == "nchw", int(cfg.get("group_channels", 64)))
                 solver = StreamingLeastSquares(rows.d_in, rows.d_out, rows.groups, device=x.device)
+                if record is not None:
+                    record[k] = x.clone()
             solver.update(*rows(x, y_fp - y_q))
         solver.all_reduce()
         ridge = float(cfg["ridge_conv"] if rows.conv else cfg["ridge"])
@@ -130,9 +134,7 @@ def apply(ctx: CompContext, cfg: dict) -> dict:
         r2s.append(r2)
         ridge_used.append(solver.ridge_used)
         if r2 > 0:
-            branch = rows.branch(W, b, torch.float16 if cfg.get("fp16") else xs[0].dtype, xs[0].device)
-            block = QwTBlock(block, branch, r2, fp16=bool(cfg.get("fp16")))
-            adapter.set_module(unit.name, block)
+            branch = rows.branch(W, b, torch.float16 if cfg.get("fp16") else x0.dtype, x0.device)
+            seg.replace(QwTBlock(seg.module, branch, r2, fp16=bool(cfg.get("fp16"))))
             fitted += 1
-        hs = [block(x) for x in xs]
-    return {"r2": r2s, "blocks_compensated": fitted, "ridge_used": ridge_used}
+    return {"r2": r2s, "blocks_compensated": fitted, "ridge_used": ridge_used, "target": target}

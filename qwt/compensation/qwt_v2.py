@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from .. import dist
-
+from ..engine import capture_outputs
+from ..errors import ConfigError
 from ..quant import set_quant_state
 from ..quant.modules import _QuantWeighted
 from .base import CompContext
@@ -61,53 +61,19 @@ class ChannelStats:
         return gamma, beta
 
 
-def execution_order(adapter, batch) -> list[str]:
-    names = {m: n for n, m in adapter.model.named_modules() if isinstance(m, _QuantWeighted)}
-    order, hooks = [], []
-    for m in names:
-        hooks.append(m.register_forward_hook(lambda mod, i, o: order.append(names[mod]) if names[mod] not in order else None))
-    try:
-        adapter.forward(batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return order
-
-
-def _segments(adapter, order):
-    """[(run(h) -> h', [layer names])] for stem, every unit, head."""
-    units = adapter.units()
-
-    def owner(name):
-        for i, u in enumerate(units):
-            for prefix in (u.name, u.pre):
-                if prefix and (name == prefix or name.startswith(prefix + ".")):
-                    return i
-        return None
-
-    stem_layers, head_layers, unit_layers = [], [], [[] for _ in units]
-    seen_unit = False
-    for n in order:
-        i = owner(n)
-        if i is None:
-            (head_layers if seen_unit else stem_layers).append(n)
-        else:
-            seen_unit = True
-            unit_layers[i].append(n)
-    segs = [(adapter.stem, stem_layers)]
-    segs += [((lambda h, u=u: adapter.run_unit(u, h)), unit_layers[i]) for i, u in enumerate(units)]
-    segs.append((adapter.head, head_layers))
-    return segs
-
-
 @torch.no_grad()
-def fit_layer(layer: _QuantWeighted, run_segment, inputs, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_layer(layer: _QuantWeighted, seg, cfg, fp_outputs: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel gain / offset of ``layer`` from every calibration batch of segment ``seg``.
+    ``fp_outputs``: the global target (per batch, the FP chain's output of this layer)."""
     stats = None
+    batch = {"i": 0}
 
     def hook(mod, args, out):
         nonlocal stats
-        x = args[0]
-        y = mod._op(x, mod.float_weight(), mod.float_bias())  # the float layer on the same input
+        if fp_outputs is None:
+            y = mod._op(args[0], mod.float_weight(), mod.float_bias())  # the float layer on the same input
+        else:
+            y = fp_outputs[batch["i"]].to(out.device)
         if stats is None:
             stats = ChannelStats(out.shape[mod.out_channel_dim], out.device)
         stats.update(out, y, mod.out_channel_dim)
@@ -115,9 +81,10 @@ def fit_layer(layer: _QuantWeighted, run_segment, inputs, cfg) -> tuple[torch.Te
 
     handle = layer.register_forward_hook(hook)
     try:
-        for h in inputs:
+        for i, inp in enumerate(seg.inputs()):
+            batch["i"] = i
             try:
-                run_segment(h)
+                seg.run(inp)
             except _StopForward:
                 pass
     finally:
@@ -125,6 +92,18 @@ def fit_layer(layer: _QuantWeighted, run_segment, inputs, cfg) -> tuple[torch.Te
 
     dist.all_reduce_sum(stats.s)
     return stats.gain_offset(float(cfg.get("var_eps", 1e-8)), float(cfg.get("shrinkage", 0.0)))
+
+
+@torch.no_grad()
+def fp_layer_outputs(seg, layers, store) -> dict:
+    """{layer name: [the FP chain's output of that layer, per batch]} (one float run of the segment)."""
+    out = {n: [] for n, _ in layers}
+    mods = dict(layers)
+    for inp in seg.fp_inputs():
+        got = capture_outputs(mods, lambda: seg.run_float(inp))
+        for n in out:
+            out[n].append(got[n] if store is None else got[n].to(store))
+    return out
 
 
 @torch.no_grad()
@@ -149,26 +128,28 @@ def fold_affine(layer: _QuantWeighted, gamma: torch.Tensor, beta: torch.Tensor) 
 def apply(ctx: CompContext, cfg: dict) -> dict:
     adapter = ctx.adapter
     model = adapter.model
-    batches = ctx.calib_images(cfg)
     set_quant_state(model, True, True)
-    order = execution_order(adapter, batches[0])
+    target = cfg.get("target", "local")
+    if target not in ("local", "global"):
+        raise ConfigError(f"compensation.qwt_v2.target={target!r}: use 'global' (the FP model's output of each layer) or 'local'")
     fold, unfoldable = bool(cfg.get("fold", True)), cfg.get("unfoldable", "error")
     if unfoldable not in ("error", "keep_unfolded"):
-        raise ValueError(f"compensation.qwt_v2.unfoldable={unfoldable!r}: use 'error' or 'keep_unfolded'")
+        raise ConfigError(f"compensation.qwt_v2.unfoldable={unfoldable!r}: use 'error' or 'keep_unfolded'")
     if fold and unfoldable == "error":
-        bad = [n for n in order if not adapter.get(n).per_channel_weight_scale()]
+        bad = [n for n, m in model.named_modules() if isinstance(m, _QuantWeighted) and not m.per_channel_weight_scale()]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"QwT-v2 fold=true needs per-channel weight scales, but {len(bad)} layers (e.g. {bad[0]}) have none "
                 "(e.g. ptq=hist_w8a8 is per-tensor). Set compensation.qwt_v2.fold=false, or "
                 "compensation.qwt_v2.unfoldable=keep_unfolded to fold only where possible."
             )
-    inputs = batches
     folded = kept = 0
-    for run_segment, layers in tqdm(_segments(adapter, order), desc="qwt_v2 segments", disable=not dist.is_main(), leave=False):
-        for name in layers:
-            layer = adapter.get(name)
-            gamma, beta = fit_layer(layer, run_segment, inputs, cfg)
+    store = None if ctx.store is None else torch.device(ctx.store)
+    for seg in ctx.engine(cfg, kinds=("stem", "unit", "head"), fp_chain=target == "global", desc="qwt_v2 segments"):
+        layers = seg.layers()
+        fp_out = fp_layer_outputs(seg, layers, store) if target == "global" and layers else None
+        for name, layer in layers:
+            gamma, beta = fit_layer(layer, seg, cfg, None if fp_out is None else fp_out.pop(name))
             dtype = layer.weight.dtype
             if fold and layer.per_channel_weight_scale():
                 fold_affine(layer, gamma, beta)
@@ -177,8 +158,7 @@ def apply(ctx: CompContext, cfg: dict) -> dict:
                 layer.out_gamma = nn.Parameter(gamma.to(dtype))
                 layer.out_beta = nn.Parameter(beta.to(dtype))
                 kept += 1
-        inputs = [run_segment(h) for h in inputs]
-    return {"layers_folded": folded, "layers_unfolded": kept}
+    return {"layers_folded": folded, "layers_unfolded": kept, "target": target}
 
 
 @torch.no_grad()

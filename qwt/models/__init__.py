@@ -1,3 +1,3 @@
-"""Block adapters (one per family) and model builders."""
-from . import resnet, timm_swin, timm_vit  # noqa: F401  (register adapters)
-from .base import ModelAdapter, Unit, adapter_for, register_adapter
+"""Block adapters (one per family, imported lazily when a model of its library is seen) and model
+builders (``zoo.py``)."""
+from .base import AdaptedModel, ModelAdapter, PrecondSite, Role, State, Unit, adapter_for, move, register_adapter

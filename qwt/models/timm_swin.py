@@ -1,21 +1,19 @@
 """Swin from timm: units are every block of every stage; a stage's PatchMerging is the ``pre``
-of its first block and is not compensated."""
+of its first block and is not compensated. A batch is an image tensor."""
 import torch.nn as nn
-from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer import WindowAttention
 
-from .base import ModelAdapter, Unit, register_adapter
+from . import timm_attention
+from .base import ModelAdapter, State, Unit
 
 
-@register_adapter(SwinTransformer)
 class TimmSwinAdapter(ModelAdapter):
-    family = "swin"
-
     def stem(self, x):
         m = self.model
         h = m.patch_embed(x)
         if getattr(m, "absolute_pos_embed", None) is not None:
             h = h + m.absolute_pos_embed
-        return h
+        return State(h)
 
     def _has_downsample(self, s):
         return not isinstance(self.model.layers[s].downsample, nn.Identity)
@@ -28,19 +26,25 @@ class TimmSwinAdapter(ModelAdapter):
                 out.append(Unit(f"layers.{s}.blocks.{j}", pre))
         return out
 
-    def head(self, h):
-        return self.model.forward_head(self.model.norm(h))
+    def head(self, state):
+        return self.model.forward_head(self.model.norm(state.h))
 
-    def pre_logits(self, h):
-        return self.model.forward_head(self.model.norm(h), pre_logits=True)
+    def features(self, state):
+        return self.model.forward_head(self.model.norm(state.h), pre_logits=True)
 
-    def classifier_names(self):
+    def trainable_head(self):
         return ["head.fc"]
 
-    def eight_bit_layers(self):
+    def edge_layers(self):
         return {"patch_embed.proj", "head.fc"}
 
-    def ln_linear_pairs(self):
+    def attention_types(self):
+        return (WindowAttention,)
+
+    def patchers(self):
+        return timm_attention.PATCHERS
+
+    def norm_linear_pairs(self):
         pairs = []
         for s, stage in enumerate(self.model.layers):
             if self._has_downsample(s):
@@ -49,3 +53,6 @@ class TimmSwinAdapter(ModelAdapter):
                 b = f"layers.{s}.blocks.{j}"
                 pairs += [(f"{b}.norm1", [f"{b}.attn.qkv"]), (f"{b}.norm2", [f"{b}.mlp.fc1"])]
         return pairs
+
+    def extra_precond(self, sites):
+        return timm_attention.value_proj_sites(self.model, sites)

@@ -1,34 +1,41 @@
-"""ViT / DeiT (incl. distilled) from timm: units are ``blocks.i``."""
-from timm.models.vision_transformer import VisionTransformer
+"""ViT / DeiT (incl. distilled) from timm: units are ``blocks.i``; a batch is an image tensor."""
+from timm.layers import Attention
 
-from .base import ModelAdapter, Unit, register_adapter
+from . import timm_attention
+from .base import ModelAdapter, State, Unit
 
 
-@register_adapter(VisionTransformer)
 class TimmViTAdapter(ModelAdapter):
-    family = "vit"
-
     def stem(self, x):
         m = self.model
-        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+        return State(m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x)))))
 
     def units(self):
         return [Unit(f"blocks.{i}") for i in range(len(self.model.blocks))]
 
-    def head(self, h):
-        return self.model.forward_head(self.model.norm(h))
+    def head(self, state):
+        return self.model.forward_head(self.model.norm(state.h))
 
-    def pre_logits(self, h):
-        return self.model.forward_head(self.model.norm(h), pre_logits=True)
+    def features(self, state):
+        return self.model.forward_head(self.model.norm(state.h), pre_logits=True)
 
-    def classifier_names(self):
+    def trainable_head(self):
         return [n for n in ("head", "head_dist") if hasattr(self.model, n)]
 
-    def eight_bit_layers(self):
-        return {"patch_embed.proj", *self.classifier_names()}
+    def edge_layers(self):
+        return {"patch_embed.proj", *self.trainable_head()}
 
-    def ln_linear_pairs(self):
+    def attention_types(self):
+        return (Attention,)
+
+    def patchers(self):
+        return timm_attention.PATCHERS
+
+    def norm_linear_pairs(self):
         pairs = []
         for i in range(len(self.model.blocks)):
             pairs += [(f"blocks.{i}.norm1", [f"blocks.{i}.attn.qkv"]), (f"blocks.{i}.norm2", [f"blocks.{i}.mlp.fc1"])]
         return pairs
+
+    def extra_precond(self, sites):
+        return timm_attention.value_proj_sites(self.model, sites)

@@ -1,5 +1,6 @@
-"""Build the float model named by the model config: timm hub / local checkpoints, or the
-embedded models trained here on scikit-learn's digits."""
+"""Build the float model named by the model config (``model.source``): timm hub / local
+checkpoints, the embedded models trained here, or a family's own builder registered in
+``SOURCES`` (imported only when that source is used)."""
 from __future__ import annotations
 
 import hashlib
@@ -23,18 +24,25 @@ def disable_fused_attention(model: nn.Module) -> nn.Module:
     return model
 
 
+# model.source -> "module:function(model_cfg, log) -> nn.Module"
+SOURCES = {
+    "timm": "qwt.models.zoo:build_timm",
+    "embedded": "qwt.models.zoo:load_or_train_embedded",
+}
+
+
 def build_model(model_cfg: dict, log=print) -> nn.Module:
+    import importlib
+
     source = model_cfg["source"]
-    if source == "embedded":
-        model = load_or_train_embedded(model_cfg, log=log)
-    elif source == "timm":
-        model = build_timm(model_cfg)
-    else:
-        raise ConfigError(f"model.source={source!r} is unknown: use 'timm' or 'embedded'")
+    if source not in SOURCES:
+        raise ConfigError(f"model.source={source!r} is unknown: use one of {sorted(SOURCES)}")
+    mod, _, fn = SOURCES[source].partition(":")
+    model = getattr(importlib.import_module(mod), fn)(model_cfg, log=log)
     return disable_fused_attention(model.eval())
 
 
-def build_timm(model_cfg: dict) -> nn.Module:
+def build_timm(model_cfg: dict, log=print) -> nn.Module:
     import timm
 
     name, ckpt = model_cfg["timm_name"], model_cfg.get("checkpoint")

@@ -1,14 +1,19 @@
-"""Stage-1 PTQ methods, selected by ``ptq=<name>``. Each module exposes ``specs(w_bits, a_bits, **options)``."""
+"""Stage-1 PTQ methods, selected by ``ptq=<name>``. Each module exposes
+``specs(w_bits, a_bits, **options) -> MethodSpecs``; ``a_bits >= 16`` means float activations
+(weight-only quantization: no activation quantizer at all)."""
 from __future__ import annotations
 
-from . import hist_w8a8, percentile, repq_vit, rtn
-from ..errors import ConfigError
-from .common import MethodSpecs, apply_ptq
+import importlib
 
-PTQ_METHODS = {"rtn": rtn, "percentile": percentile, "repq_vit": repq_vit, "hist_w8a8": hist_w8a8}
+from ..errors import ConfigError
+from .common import FLOAT_ACT_BITS, MethodSpecs, apply_ptq
+
+PTQ_METHODS = ("rtn", "percentile", "repq_vit", "hist_w8a8", "gptq")
 
 
 def get_specs(name: str, w_bits: int, a_bits: int, **options) -> MethodSpecs:
     if name not in PTQ_METHODS:
         raise ConfigError(f"unknown ptq method {name!r}: set ptq= one of {sorted(PTQ_METHODS)} (or ptq=fp for no quantization)")
-    return PTQ_METHODS[name].specs(w_bits, a_bits, **options)
+    weight_only = int(a_bits) >= FLOAT_ACT_BITS
+    specs = importlib.import_module(f"{__name__}.{name}").specs(int(w_bits), FLOAT_ACT_BITS - 8 if weight_only else int(a_bits), **options)
+    return specs.weight_only() if weight_only else specs

@@ -2,13 +2,14 @@
 
 - Uniform asymmetric quantizers with the percentile search (p in {0.999, 0.9999, 0.99999}).
   Weights per output channel, activations per tensor.
-- Inputs of Linears fed by a LayerNorm (qkv, fc1, Swin's reduction) are first calibrated per
+- Inputs of Linears fed by a norm (qkv, fc1, Swin's reduction; LayerNorm or RMSNorm) are first calibrated per
   channel (delta_c, z_c), then reparameterized to one per-tensor quantizer:
     delta~ = mean delta_c, z~ = round(mean z_c), r_c = delta_c / delta~,
     beta_c = min_c / r_c - min~   (min_c = -z_c delta_c, min~ = -z~ delta~)
   folded into the LayerNorm (gamma_c <- gamma_c / r_c, b_c <- b_c / r_c - beta_c) and into the
   next Linear (W[:, c] <- W[:, c] r_c, bias <- bias + W (r * beta)), then weight scales are
-  re-calibrated. In float this is an exact identity (tests/test_repq_vit.py).
+  re-calibrated. In float this is an exact identity (tests/test_repq_vit.py). A norm without a
+  bias (RMSNorm) gets one for the shift (``NormWithBias``, counted as extra parameters).
 - Post-softmax attention probabilities: log-sqrt2 quantizer; q, k, v: per-tensor uniform.
 """
 from __future__ import annotations
@@ -36,16 +37,17 @@ def specs(w_bits: int, a_bits: int, keep_8bit: bool = True, **_) -> MethodSpecs:
 
 @torch.no_grad()
 def reparameterize(adapter, specs: MethodSpecs):
-    for ln_name, lin_names in adapter.ln_linear_pairs():
-        ln = adapter.get(ln_name)
+    for ln_name, lin_names in adapter.norm_linear_pairs():
         lins = [adapter.get(n) for n in lin_names]
+        if lins[0].in_quant is None or lins[0].in_quant.spec.granularity != "channel":
+            continue  # not calibrated per channel (e.g. weight-only): nothing to reparameterize
         q = lins[0].in_quant
         delta, zero = q.scale.flatten(), q.zero.flatten()
         d_t = delta.mean()
         z_t = torch.round(zero.mean())
         r = delta / d_t
         beta = (-zero * delta) / r - (-z_t * d_t)
-        fold_channel_affine(ln, lins, r, beta)
+        fold_channel_affine(adapter, ln_name, lins, r, beta)
         for lin in lins:
             per_tensor = Quantizer(specs.act, q.max_elements)
             per_tensor.set_params(d_t.reshape(()), z_t.reshape(()))
@@ -53,11 +55,35 @@ def reparameterize(adapter, specs: MethodSpecs):
             lin.calibrate_weight()
 
 
+class NormWithBias(nn.Module):
+    """A norm without a bias (RMSNorm) followed by a per-channel bias, so that RepQ-ViT's shift can
+    be folded into it. The bias is a parameter the fold added (counted as extra parameters)."""
+
+    adds_bias = True
+
+    def __init__(self, norm: nn.Module, bias: torch.Tensor):
+        super().__init__()
+        self.norm = norm
+        self.bias = nn.Parameter(bias)
+
+    def forward(self, x):
+        return self.norm(x) + self.bias
+
+    def extra_param_count(self) -> int:
+        return self.bias.numel()
+
+
 @torch.no_grad()
-def fold_channel_affine(ln: nn.LayerNorm, lins, r: torch.Tensor, beta: torch.Tensor):
-    """LN output y -> y / r - beta; each following Linear absorbs the inverse (exact in float)."""
-    if ln.weight is None or ln.bias is None:
-        raise ValueError("RepQ-ViT reparameterization needs an affine LayerNorm (elementwise_affine=True)")
+def fold_channel_affine(adapter, norm_name: str, lins, r: torch.Tensor, beta: torch.Tensor):
+    """Norm output y -> y / r - beta; each following Linear absorbs the inverse (exact in float).
+    A norm without a bias (RMSNorm) gets one (``NormWithBias``)."""
+    norm = adapter.get(norm_name)
+    if isinstance(norm, NormWithBias):
+        weight, bias_owner = norm.norm.weight, norm
+    else:
+        weight, bias_owner = getattr(norm, "weight", None), norm
+    if weight is None:
+        raise ValueError(f"RepQ-ViT reparameterization needs an affine norm ('{norm_name}' has no weight)")
     for lin in lins:
         w = lin.weight
         extra = w @ (r * beta)
@@ -66,5 +92,8 @@ def fold_channel_affine(ln: nn.LayerNorm, lins, r: torch.Tensor, beta: torch.Ten
             lin.bias = nn.Parameter(extra.clone())
         else:
             lin.bias.add_(extra)
-    ln.weight.div_(r)
-    ln.bias.div_(r).sub_(beta)
+    weight.div_(r)
+    if getattr(bias_owner, "bias", None) is None:
+        adapter.set_module(norm_name, NormWithBias(norm, -beta.to(weight.dtype)))
+    else:
+        bias_owner.bias.div_(r).sub_(beta)

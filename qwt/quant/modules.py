@@ -15,11 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .observers import Observer
-from .quantizer import QuantSpec, fake_quant, grad_scale, quantize_codes
+from .quantizer import QuantSpec, dynamic_qparams, fake_quant, grad_scale, quantize_codes
 
 
 class Quantizer(nn.Module):
-    """Fake-quantizes one tensor. States: observing (passes x through, records it), calibrated."""
+    """Fake-quantizes one tensor. States: observing (passes x through, records it), calibrated.
+    A dynamic spec (``spec.dynamic``) needs no calibration: its parameters come from each input."""
 
     def __init__(self, spec: QuantSpec, max_elements: int = 2**23):
         super().__init__()
@@ -37,7 +38,7 @@ class Quantizer(nn.Module):
 
     @property
     def calibrated(self) -> bool:
-        return self.scale is not None
+        return self.spec.dynamic or self.scale is not None
 
     def start_observing(self):
         self.observer = Observer(self.spec, self.max_elements)
@@ -51,6 +52,8 @@ class Quantizer(nn.Module):
 
     def calibrate_from(self, x: torch.Tensor):
         """One-shot calibration on a tensor (weights)."""
+        if self.spec.dynamic:
+            return
         obs = Observer(self.spec, self.max_elements)
         obs.update(x)
         self.set_params(*obs.compute())
@@ -65,6 +68,8 @@ class Quantizer(nn.Module):
 
     def make_scale_trainable(self):
         """Turn the step size into a Parameter (LSQ)."""
+        if self.spec.dynamic:
+            raise RuntimeError("a dynamic quantizer has no step size to train (it is computed per input)")
         if not self.calibrated:
             raise RuntimeError("calibrate the quantizer before making its scale trainable")
         scale = self.scale
@@ -76,6 +81,8 @@ class Quantizer(nn.Module):
         if self.observer is not None:
             self.observer.update(x)
             return x
+        if self.spec.dynamic:
+            return fake_quant(x, self.spec, *dynamic_qparams(x, self.spec), ste=self.ste)
         if not self.calibrated:
             raise RuntimeError(f"quantizer ({self.extra_repr()}) is not calibrated: run the PTQ method's calibration first")
         scale = self.scale
@@ -100,13 +107,19 @@ class QuantModule(nn.Module):
     def set_quant_state(self, weight: bool, act: bool):
         self.w_on, self.a_on = bool(weight), bool(act)
 
+    def get_quant_state(self) -> tuple[bool, bool]:
+        return self.w_on, self.a_on
+
 
 class _QuantWeighted(QuantModule):
     """Shared logic of QuantLinear and QuantConv2d.
 
     weight / bias: the quantized path's (latent) parameters. fp_weight / fp_bias: the float
-    path; the same tensors until ``detach_fp()``. w_codes: frozen integer grid values (set by
-    ``freeze_weight_codes``; then the quantized weight is (codes - zero) * scale).
+    path; the same tensors until ``detach_fp()``. w_codes: frozen integer grid values in the
+    smallest integer dtype that holds them (set by ``freeze_weight_codes`` or a data-driven
+    stage 1 such as GPTQ; then the quantized weight is (codes - zero) * scale). w_gidx: optional
+    group index per input column (GPTQ's act-order groups are contiguous in the permuted order):
+    then scale / zero are (out, groups) and column c uses group w_gidx[c].
     out_gamma / out_beta: an optional unfolded channel-wise affine on the output (QwT-v2).
     """
 
@@ -118,6 +131,7 @@ class _QuantWeighted(QuantModule):
         self.register_buffer("fp_weight", None, persistent=False)
         self.register_buffer("fp_bias", None, persistent=False)
         self.register_buffer("w_codes", None)
+        self.register_buffer("w_gidx", None)
         self.w_quant = Quantizer(w_spec, max_elements) if w_spec is not None else None
         self.in_quant = Quantizer(a_spec, max_elements) if a_spec is not None else None
         self.out_gamma = None
@@ -153,14 +167,24 @@ class _QuantWeighted(QuantModule):
         if self.w_quant is not None:
             self.w_quant.calibrate_from(self.weight.detach())
             self.w_codes = None
+            self.w_gidx = None
 
     def freeze_weight_codes(self):
         """Store the integer grid values of the current weight (deployment form)."""
         if self.w_quant is None:
             raise ValueError(f"{type(self).__name__} has no weight quantizer to freeze")
+        if self.w_gidx is not None:
+            raise ValueError("weights with a per-column group index (GPTQ act-order groups) are frozen by the method that set them")
         q = self.w_quant
         codes = quantize_codes(self._grouped(self.weight.detach()), q.scale, q.zero, q.spec.qmin, q.spec.qmax)
-        self.w_codes = codes.reshape(self.weight.shape) if q.spec.granularity == "group" else codes
+        self.set_weight_codes(codes.reshape(self.weight.shape))
+
+    def set_weight_codes(self, codes: torch.Tensor, gidx: torch.Tensor | None = None):
+        """Store integer codes (any dtype holding integral values) in the smallest integer dtype."""
+        spec = self.w_quant.spec
+        dtype = torch.uint8 if 0 <= spec.qmin and spec.qmax <= 255 else torch.int8 if -128 <= spec.qmin and spec.qmax <= 127 else torch.int32
+        self.w_codes = codes.detach().round().to(dtype)
+        self.w_gidx = None if gidx is None else gidx.to(device=codes.device, dtype=torch.long)
 
     def _grouped(self, w):
         spec = self.w_quant.spec
@@ -173,8 +197,12 @@ class _QuantWeighted(QuantModule):
             return self.weight
         q = self.w_quant
         if self.w_codes is not None:
-            codes = self._grouped(self.w_codes)
-            return ((codes - q.zero) * q.scale).reshape(self.weight.shape)
+            codes = self.w_codes.to(self.weight.dtype)
+            if self.w_gidx is not None:
+                scale = q.scale.reshape(q.scale.shape[0], -1)[:, self.w_gidx]
+                zero = q.zero.reshape(q.zero.shape[0], -1)[:, self.w_gidx]
+                return (codes - zero) * scale
+            return ((self._grouped(codes) - q.zero) * q.scale).reshape(self.weight.shape)
         return q(self.weight)
 
     def per_channel_weight_scale(self) -> bool:
@@ -254,19 +282,52 @@ def quantizers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, Quantizer)]
 
 
+def _follows(m) -> bool:
+    return isinstance(m, QuantModule) or getattr(m, "follows_quant_state", False)
+
+
 def set_quant_state(model: nn.Module, weight: bool = True, act: bool = True) -> nn.Module:
     """Switch every wrapper (and every compensation module) of ``model`` on or off."""
     for m in model.modules():
-        if isinstance(m, QuantModule) or getattr(m, "follows_quant_state", False):
+        if _follows(m):
             m.set_quant_state(weight, act)
     return model
+
+
+def get_quant_state(model: nn.Module) -> list:
+    """The on/off state of every wrapper and compensation module (for ``restore_quant_state``)."""
+    return [(m, m.get_quant_state()) for m in model.modules() if _follows(m)]
+
+
+def restore_quant_state(saved: list) -> None:
+    for m, state in saved:
+        m.set_quant_state(*state)
+
+
+class float_view:
+    """Context: ``model`` computes its float path (every wrapper and compensation off); the previous
+    per-module states come back on exit. The float path of a quantized model is the FP model (up to
+    float rounding where a stage-1 method folded an exact identity, e.g. RepQ-ViT)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.saved = get_quant_state(self.model)
+        set_quant_state(self.model, False, False)
+        return self.model
+
+    def __exit__(self, *exc):
+        restore_quant_state(self.saved)
+        return False
 
 
 class observe_activations:
     """Context: every activation quantizer of ``model`` records what passes; on exit computes ranges."""
 
     def __init__(self, model: nn.Module, only=None):
-        self.qs = [q for m in quant_modules(model) for q in _act_quantizers(m) if only is None or q in only]
+        self.qs = [q for m in quant_modules(model) for q in _act_quantizers(m)
+                   if not q.spec.dynamic and (only is None or q in only)]
 
     def __enter__(self):
         for q in self.qs:

@@ -5,9 +5,8 @@ returns a ``LayerQuant`` (or None to leave the module alone). ``quantize_model``
 once and replaces every planned module with its registered wrapper. A planned module whose type
 has no registered patcher is an error, never silently skipped.
 
-timm attention (ViT/DeiT ``Attention``, Swin ``WindowAttention``) is patched in place: its class
-is swapped for a subclass whose forward runs the two matmuls explicitly through QuantMatMul
-(q @ k^T and attn @ v), so timm's fused SDPA path can never bypass them.
+Linear and Conv2d are registered here. Library-specific types (timm attention, ...) come with
+their family's adapter (``ModelAdapter.patchers()``), so this module imports no model library.
 """
 from __future__ import annotations
 
@@ -15,10 +14,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch.nn as nn
-from timm.layers import Attention
-from timm.models.swin_transformer import WindowAttention
 
-from .modules import QuantConv2d, QuantLinear, QuantMatMul
+from .modules import QuantConv2d, QuantLinear, QuantModule
 from .quantizer import QuantSpec
 
 
@@ -56,80 +53,28 @@ def _patch_conv(m, lq: LayerQuant, max_elements):
     return QuantConv2d(m, lq.weight, lq.act, max_elements)
 
 
-class QuantAttention(Attention):
-    """timm ``Attention`` with explicit, quantizable matmuls."""
-
-    def forward(self, x, attn_mask=None, is_causal=False):
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError("QuantAttention: attention masks are not supported (not used by ViT/DeiT classification)")
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        attn = self.matmul1(q * self.scale, k.transpose(-2, -1))
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = self.matmul2(attn, v)
-        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
-        x = self.norm(x) if hasattr(self, "norm") else x
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))
-
-
-class QuantWindowAttention(WindowAttention):
-    """timm Swin ``WindowAttention`` with explicit, quantizable matmuls."""
-
-    def forward(self, x, mask=None):
-        B_, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        attn = self.matmul1(q * self.scale, k.transpose(-2, -1))
-        attn = attn + self._get_rel_pos_bias()
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.attn_drop(self.softmax(attn))
-        x = self.matmul2(attn, v)
-        x = x.transpose(1, 2).reshape(B_, N, -1)
-        return self.proj_drop(self.proj(x))
-
-
-def _swap_attention(cls):
-    def patch(m, lq: LayerQuant, max_elements):
-        m.__class__ = cls
-        m.fused_attn = False
-        qk = lq.qk or (None, None)
-        pv = lq.pv or (None, None)
-        m.matmul1 = QuantMatMul(qk[0], qk[1], max_elements)
-        m.matmul2 = QuantMatMul(pv[0], pv[1], max_elements)
-        return m
-
-    return patch
-
-
-register_patcher(Attention)(_swap_attention(QuantAttention))
-register_patcher(WindowAttention)(_swap_attention(QuantWindowAttention))
-
-
 def _set_submodule(model: nn.Module, name: str, new: nn.Module):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
 
-def quantize_model(model: nn.Module, plan: Callable[[str, nn.Module], LayerQuant | None], max_elements: int = 2**23) -> dict[str, str]:
-    """Replace every module the plan names by its quant wrapper (in place). Returns {name: wrapper type}."""
+def quantize_model(model: nn.Module, plan: Callable[[str, nn.Module], LayerQuant | None], max_elements: int = 2**23,
+                   patchers: dict | None = None) -> dict[str, str]:
+    """Replace every module the plan names by its quant wrapper (in place). ``patchers`` adds
+    wrappers for library types (an adapter's). Returns {name: wrapper type}."""
+    table = {**PATCHERS, **(patchers or {})}
     patched = {}
     for name, module in list(model.named_modules()):
         lq = plan(name, module)
         if lq is None:
             continue
+        if isinstance(module, QuantModule):
+            raise TypeError(f"module '{name}' is already quantized ({type(module).__name__}): quantize a fresh float model")
         patcher = None
         for t in type(module).__mro__:
-            if t in PATCHERS and not isinstance(module, (QuantAttention, QuantWindowAttention)):
-                patcher = PATCHERS[t]
+            if t in table:
+                patcher = table[t]
                 break
         if patcher is None:
             raise TypeError(
@@ -141,7 +86,3 @@ def quantize_model(model: nn.Module, plan: Callable[[str, nn.Module], LayerQuant
             _set_submodule(model, name, new)
         patched[name] = type(new).__name__
     return patched
-
-
-def explicit_attention_count(model: nn.Module) -> int:
-    return sum(isinstance(m, (QuantAttention, QuantWindowAttention)) for m in model.modules())

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-GRANULARITIES = ("tensor", "channel", "group")
+GRANULARITIES = ("tensor", "channel", "group", "token")
 SCHEMES = ("uniform", "log_sqrt2")
 ESTIMATORS = ("minmax", "percentile_search", "mse", "hist_percentile")
 
@@ -19,9 +19,14 @@ ESTIMATORS = ("minmax", "percentile_search", "mse", "hist_percentile")
 class QuantSpec:
     """How one tensor is quantized. A small immutable value; use ``spec.with_(bits=6)``.
 
-    granularity: "tensor" (one scale), "channel" (one scale per index of ``axis``) or
-    "group" (``group_size`` consecutive elements of the last dimension share a scale).
+    granularity: "tensor" (one scale), "channel" (one scale per index of ``axis``),
+    "group" (``group_size`` consecutive elements of the last dimension share a scale) or
+    "token" (one scale per position of the leading dims, i.e. per row of the last dimension).
     estimator: the range rule used at calibration (see ``observers.py``).
+    dynamic: the scale and zero-point are computed from each tensor as it passes (per forward), not
+    calibrated: asymmetric, range [min, max] of each group (0 not forced into it),
+    scale = max(max - min, 1e-5) / qmax, zero = clamp(round(-min / scale), 0, qmax) (Q-DiT's rule).
+    Use with granularity "token" or "group" (activations).
     """
 
     bits: int = 8
@@ -32,6 +37,7 @@ class QuantSpec:
     scheme: str = "uniform"
     estimator: str = "minmax"
     percentile: float = 99.99
+    dynamic: bool = False
 
     def __post_init__(self):
         if not 1 <= int(self.bits) <= 16:
@@ -44,6 +50,10 @@ class QuantSpec:
             raise ValueError(f"QuantSpec.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.scheme == "log_sqrt2" and self.granularity != "tensor":
             raise ValueError("the log-sqrt2 quantizer is per-tensor only (granularity='tensor')")
+        if self.granularity == "group" and int(self.group_size) < 1:
+            raise ValueError(f"QuantSpec.group_size must be >= 1, got {self.group_size}")
+        if self.dynamic and (self.symmetric or self.scheme != "uniform" or self.granularity not in ("token", "group", "tensor")):
+            raise ValueError("dynamic quantization is uniform asymmetric with granularity 'token', 'group' or 'tensor'")
 
     def with_(self, **changes) -> "QuantSpec":
         return replace(self, **changes)
@@ -80,9 +90,12 @@ def to_stat_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     tensor  -> (1, numel)
     channel -> (C, numel / C)          channel index = ``spec.axis``
     group   -> (numel / g, g)          groups of the last dimension
+    token   -> (numel / d, d)          d = size of the last dimension
     """
     if spec.granularity == "tensor":
         return x.reshape(1, -1)
+    if spec.granularity == "token":
+        return x.reshape(-1, x.shape[-1])
     if spec.granularity == "channel":
         axis = spec.axis % x.dim()
         return x.transpose(0, axis).reshape(x.shape[axis], -1)
@@ -101,6 +114,8 @@ def param_shape(x_shape: torch.Size, spec: QuantSpec) -> tuple[int, ...]:
         shape = [1] * len(x_shape)
         shape[axis] = x_shape[axis]
         return tuple(shape)
+    if spec.granularity == "token":
+        return tuple(x_shape[:-1]) + (1,)
     return tuple(x_shape[:-1]) + (x_shape[-1] // spec.group_size, 1)
 
 
@@ -128,6 +143,22 @@ def fake_quant_uniform(x, scale, zero, qmin: int, qmax: int, ste: bool = False):
 def quantize_codes(x, scale, zero, qmin: int, qmax: int) -> torch.Tensor:
     """Integer grid values (as float tensor) of x."""
     return torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
+
+
+DYNAMIC_RANGE_EPS = 1e-5
+
+
+def dynamic_qparams(x: torch.Tensor, spec: QuantSpec):
+    """Per-forward scale and zero-point of ``x`` (shaped by ``param_shape``), Q-DiT's rule:
+    scale = max(max - min, 1e-5) / qmax, zero = clamp(round(-min / scale), 0, qmax); the range is the
+    group's own [min, max] (0 is not forced into it)."""
+    with torch.no_grad():
+        v = to_stat_view(x.detach(), spec)
+        lo, hi = v.amin(-1), v.amax(-1)
+        scale = (hi - lo).clamp_min(DYNAMIC_RANGE_EPS) / spec.qmax
+        zero = torch.clamp(torch.round(-lo / scale), spec.qmin, spec.qmax)
+        shape = param_shape(x.shape, spec)
+        return scale.reshape(shape), zero.reshape(shape)
 
 
 def fake_quant(x: torch.Tensor, spec: QuantSpec, scale, zero, ste: bool = False) -> torch.Tensor:

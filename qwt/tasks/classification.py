@@ -1,7 +1,8 @@
 """Image classification: data (embedded digits or an ImageNet folder) and the top-1 evaluator.
 
 ImageNet uses timm's data pipeline (``timm.data.ImageDataset`` + ``create_transform``) with the
-per-family preprocessing of the model config (mean, std, crop_pct, interpolation).
+per-family preprocessing of the model config (mean, std, crop_pct, interpolation). A batch (what
+the adapter's stem consumes) is an image tensor.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import dist
 from ..errors import ConfigError
+from .base import Task
 
 IMAGENET_LAYOUT = (
     "<root>/train/<class_id>/*.JPEG (e.g. train/n01440764/...) and <root>/val/<class_id>/*.JPEG "
@@ -173,3 +175,36 @@ def evaluate(forward, data: ClassificationData, batch_size: int, device, num_wor
     if fp_preds is not None:
         metrics["agreement"] = 100.0 * float(stats[2]) / max(1.0, float(stats[1]))
     return metrics, preds
+
+
+class ClassificationTask(Task):
+    """Top-1 on the validation set (and agreement with the FP model's predictions)."""
+
+    name = "classification"
+    headline = "top1"
+    table_columns = (("top1", "top-1", "{:.2f}"), ("agreement", "agree", "{:.2f}"))
+
+    def __init__(self, cfg, device, log=print):
+        super().__init__(cfg, device, log)
+        self.data = build_data(cfg["data"], cfg["model"])
+        self.rt = cfg.get("runtime", {})
+
+    @staticmethod
+    def supervised_loss(logits, y):
+        return F.cross_entropy(logits, y)
+
+    def num_calibration_samples(self):
+        return len(self.data.train)
+
+    def calibration(self, n, transform, batch_size, shard=False):
+        return [x for x, _ in calibration_batches(self.data, n, transform, batch_size, self.seed, self.device, shard=shard)]
+
+    def train_batches(self, batch_size):
+        g = torch.Generator().manual_seed(self.seed)
+        for x, y in DataLoader(self.data.train, batch_size=batch_size, shuffle=True, generator=g,
+                               num_workers=int(self.rt.get("num_workers", 0))):
+            yield x.to(self.device), y.to(self.device)
+
+    def evaluate(self, adapter, reference=None, desc="eval"):
+        return evaluate(adapter.model, self.data, int(self.rt.get("eval_batch_size", 256)), self.device,
+                        int(self.rt.get("num_workers", 0)), fp_preds=reference, desc=desc)
