@@ -425,3 +425,86 @@ def test_quantizer_observes_then_quantizes():
     assert math.isclose(float(q.scale), 3.0 / 7, rel_tol=1e-6)
     x = torch.linspace(-3, 3, 31)
     assert torch.equal(q(x), fake_quant_uniform(x, q.scale, q.zero, 0, 7))
+
+
+# ----------------------------------------------------------------------------------------------
+# dynamic per-token (group) activation quantization and group-wise weights in a layer
+
+
+def _dynamic_reference(row: torch.Tensor, bits: int) -> torch.Tensor:
+    """Q-DiT's rule for one group, written out: range [min, max] (0 not forced in),
+    scale = max(max - min, 1e-5) / qmax, zero = clamp(round(-min / scale), 0, qmax)."""
+    qmax = 2**bits - 1
+    lo, hi = float(row.min()), float(row.max())
+    scale = max(hi - lo, 1e-5) / qmax
+    zero = min(max(round(-lo / scale), 0), qmax)
+    q = torch.clamp(torch.round(row.double() / scale) + zero, 0, qmax)
+    return (q - zero) * scale
+
+
+@SETTINGS
+@given(st.integers(1, 3), st.integers(1, 5), st.sampled_from([4, 8, 16]), st.integers(1, 3), st.sampled_from([4, 8]),
+       st.floats(-3.0, 3.0), st.integers(0, 2**16))
+def test_dynamic_token_groups_each_get_their_own_grid(batch, tokens, g, n_groups, bits, shift, seed):
+    x = torch.randn(batch, tokens, n_groups * g, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + shift
+    spec = QuantSpec(bits=bits, dynamic=True, granularity="group", group_size=g)
+    q = Quantizer(spec)
+    assert q.calibrated  # nothing to calibrate
+    out = q(x)
+    xs, os_ = x.reshape(-1, g), out.reshape(-1, g)
+    for i in range(xs.shape[0]):
+        torch.testing.assert_close(os_[i], _dynamic_reference(xs[i], bits), rtol=0, atol=1e-9)
+    # per forward: a scaled input gets scaled outputs (the grid follows the data)
+    torch.testing.assert_close(q(2 * x), 2 * out, rtol=1e-9, atol=1e-9)
+
+
+@SETTINGS
+@given(st.integers(1, 4), st.integers(2, 40), st.sampled_from([3, 4, 8]), st.integers(0, 2**16))
+def test_dynamic_per_token_equals_one_group_of_the_whole_row(tokens, d, bits, seed):
+    x = torch.randn(2, tokens, d, generator=torch.Generator().manual_seed(seed)) * 3 + 1
+    tok = Quantizer(QuantSpec(bits=bits, dynamic=True, granularity="token"))(x)
+    grp = Quantizer(QuantSpec(bits=bits, dynamic=True, granularity="group", group_size=d))(x)
+    assert torch.equal(tok, grp)
+    # a token whose range contains 0 is quantized within half a step of its own grid
+    xs, ts = x.reshape(-1, d), tok.reshape(-1, d)
+    for i in range(xs.shape[0]):
+        if xs[i].min() <= 0 <= xs[i].max():
+            step = max(float(xs[i].max() - xs[i].min()), 1e-5) / (2**bits - 1)
+            assert float((xs[i] - ts[i]).abs().max()) <= step / 2 + 1e-5
+
+
+def test_dynamic_range_is_not_widened_to_zero_and_spec_is_validated():
+    # the step comes from [min, max] only (not [0, max]): 15 steps over [-0.5, 1.0] at 4 bits
+    x = torch.linspace(-0.5, 1.0, 16)[None]
+    out = Quantizer(QuantSpec(bits=4, dynamic=True, granularity="token"))(x)
+    torch.testing.assert_close(out, x, rtol=0, atol=1e-6)
+    # Q-DiT's zero-point is clamped to the code range: a group entirely above 0 gets zero = 0, so its
+    # grid is [0, max - min] and larger values saturate (what the reference computes)
+    y = torch.linspace(5.0, 6.0, 16)[None]
+    torch.testing.assert_close(Quantizer(QuantSpec(bits=4, dynamic=True, granularity="token"))(y), torch.ones_like(y))
+    with pytest.raises(ValueError, match="dynamic"):
+        QuantSpec(dynamic=True, symmetric=True, granularity="token")
+    with pytest.raises(ValueError, match="dynamic"):
+        QuantSpec(dynamic=True, granularity="channel")
+    with pytest.raises(RuntimeError, match="dynamic"):
+        Quantizer(QuantSpec(dynamic=True, granularity="token")).make_scale_trainable()
+
+
+@SETTINGS
+@given(st.sampled_from([2, 4, 8]), st.integers(1, 4), st.integers(1, 5), bits_st, st.integers(0, 2**16))
+def test_group_wise_weights_in_a_linear_layer(g, n_groups, out, bits, seed):
+    from qwt.quant.modules import QuantLinear
+
+    lin = torch.nn.Linear(g * n_groups, out)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=torch.Generator().manual_seed(seed)))
+    spec = QuantSpec(bits=bits, granularity="group", group_size=g)
+    q = QuantLinear(lin, spec, None)
+    q.calibrate_weight()
+    w_hat = q.quant_weight()
+    wg, qg = lin.weight.detach().reshape(-1, g), w_hat.detach().reshape(-1, g)
+    for i in range(wg.shape[0]):  # every group of g input columns of every row: its own grid
+        s, z = _qparams(wg[i], spec.with_(granularity="tensor"))
+        torch.testing.assert_close(qg[i], fake_quant_uniform(wg[i], s, z, spec.qmin, spec.qmax))
+    q.freeze_weight_codes()  # deployment form: integer codes in a small dtype, same weights
+    assert q.w_codes.dtype in (torch.uint8, torch.int8) and torch.equal(q.quant_weight(), w_hat)

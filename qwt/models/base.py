@@ -325,6 +325,7 @@ ADAPTERS: list[tuple[str, str, str]] = [
     ("timm.models.vision_transformer", "VisionTransformer", "qwt.models.timm_vit:TimmViTAdapter"),
     ("timm.models.swin_transformer", "SwinTransformer", "qwt.models.timm_swin:TimmSwinAdapter"),
     ("timm.models.resnet", "ResNet", "qwt.models.resnet:TimmResNetAdapter"),
+    ("transformers.models.llama.modeling_llama", "LlamaForCausalLM", "qwt.models.llama:LlamaAdapter"),
 ]
 
 
