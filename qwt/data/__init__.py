@@ -1,0 +1,1 @@
+"""Data the project generates itself (embedded benchmarks); nothing here downloads."""
