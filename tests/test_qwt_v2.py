@@ -256,18 +256,28 @@ def test_fold_affine_is_exact_and_composes():
         torch.testing.assert_close(y2, g2 * (g1 * y0 + b1) + b2, rtol=1e-5, atol=1e-5)
 
 
-def test_per_tensor_weights_cannot_fold():
+def test_per_tensor_weights_fold_by_becoming_per_channel():
+    """ptq=hist_w8a8 (per-tensor weight scales): the default fold turns each layer's scale into a
+    per-channel one, exactly equal to the unfolded model, with no extra parameters; the row lists
+    those layers. unfoldable=error refuses; keep_unfolded keeps the affine as modules."""
     fp_adapter, q_adapter = stage1("hist_w8a8", (8, 8))
-    with pytest.raises(ValueError, match="compensation.qwt_v2.fold"):
-        compensate(q_adapter, fp_adapter, fold=True)
-    comp, info = compensate(q_adapter, fp_adapter, fold=True, unfoldable="keep_unfolded")
-    n_layers = len(layers(comp.model))
-    assert info == {"layers_folded": 0, "layers_unfolded": n_layers, "target": "local"}
-    assert extra_params(comp.model) > 0
+    n_layers = len(layers(q_adapter.model))
+    folded, info = compensate(q_adapter, fp_adapter, fold=True)
+    assert info["layers_folded"] == n_layers and info["layers_unfolded"] == 0
+    assert len(info["weight_scale_made_per_channel"]) == n_layers
+    assert extra_params(folded.model) == 0
+    for _, m in layers(folded.model):
+        assert m.w_quant.spec.granularity == "channel" and m.w_quant.scale.shape[0] == m.weight.shape[0]
+        assert m.w_quant.spec.symmetric and float(m.w_quant.zero.abs().max()) == 0.0  # still symmetric integer weights
+    unfolded, info_u = compensate(q_adapter, fp_adapter, fold=True, unfoldable="keep_unfolded")
+    assert info_u == {"layers_folded": 0, "layers_unfolded": n_layers, "target": "local"}
+    assert extra_params(unfolded.model) > 0
     with torch.no_grad():
-        y, y_q = comp.model(TEST_X), q_adapter.model(TEST_X)
-    assert torch.isfinite(y).all() and rel(y, y_q) > 0
-    assert fold_all(comp.model) == 0  # still nothing foldable
+        y_f, y_u, y_q = folded.model(TEST_X), unfolded.model(TEST_X), q_adapter.model(TEST_X)
+    assert rel(y_f, y_u) <= 1e-5 and rel(y_f, y_q) > 0
+    assert fold_all(unfolded.model) == 0  # fold_all folds only where no scale has to change shape
+    with pytest.raises(ValueError, match="unfoldable=error"):
+        compensate(q_adapter, fp_adapter, fold=True, unfoldable="error")
     with pytest.raises(ValueError, match="unfoldable"):
         compensate(q_adapter, fp_adapter, unfoldable="sometimes")
 

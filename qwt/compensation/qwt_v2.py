@@ -14,8 +14,10 @@ that layer (the forward stops there), so every layer sees its compensated upstre
 fold=true (default): with per-channel weight scale s_j and bias b_j the affine is absorbed:
     codes frozen, s_j <- gamma_j s_j,  b_j <- gamma_j b_j + beta_j
 so the deployed model has no extra parameters and no extra operations (a layer without a bias
-gets one; counted as extra parameters). A layer without per-channel weight scales cannot take the
-fold: that is an error unless ``unfoldable: keep_unfolded`` asks to keep those as modules.
+gets one; counted as extra parameters). Group-wise scales fold row by row. A per-tensor weight
+scale (ptq=hist_w8a8) becomes per-channel by the fold (``unfoldable: make_per_channel``, the
+default; integer engines take per-channel weight scales at no cost; the row lists those layers);
+``unfoldable: error`` refuses, ``keep_unfolded`` keeps their affine as a module.
 """
 from __future__ import annotations
 
@@ -106,16 +108,39 @@ def fp_layer_outputs(seg, layers, store) -> dict:
     return out
 
 
+def fold_kind(layer: _QuantWeighted) -> str:
+    """"direct": the weight scale already has one value (or one row of group values) per output
+    channel; "per_tensor": one scale for the whole weight (the fold makes it per channel);
+    "none": no weight quantizer."""
+    q = layer.w_quant
+    if q is None:
+        return "none"
+    if layer.per_channel_weight_scale() or q.spec.granularity == "group":
+        return "direct"
+    return "per_tensor" if q.spec.granularity == "tensor" else "none"
+
+
 @torch.no_grad()
 def fold_affine(layer: _QuantWeighted, gamma: torch.Tensor, beta: torch.Tensor) -> None:
-    """Absorb y -> gamma * y + beta into the weight scale and bias (exact)."""
-    if not layer.per_channel_weight_scale():
-        raise ValueError("cannot fold: the layer has no per-channel weight scale")
+    """Absorb y -> gamma * y + beta into the weight scale and bias (exact): codes frozen, each output
+    channel's scale (or row of group scales) times gamma_j, bias_j <- gamma_j bias_j + beta_j. A
+    per-tensor weight scale becomes a per-channel one (integer engines take per-channel weight
+    scales at no cost)."""
+    kind = fold_kind(layer)
+    if kind == "none":
+        raise ValueError("cannot fold: the layer has no per-channel, per-group or per-tensor weight scale")
     layer.detach_fp()
     if layer.w_codes is None:  # already frozen (an earlier fold): keep the codes, the scale carries the fold
         layer.freeze_weight_codes()
     q = layer.w_quant
-    shape = [-1] + [1] * (layer.weight.dim() - 1)
+    shape = [-1] + [1] * (q.scale.dim() - 1 if q.scale.dim() > 1 else layer.weight.dim() - 1)
+    if kind == "per_tensor":
+        out = layer.weight.shape[0]
+        ch_shape = [out] + [1] * (layer.weight.dim() - 1)
+        q.spec = q.spec.with_(granularity="channel", axis=0)
+        q.set_params(q.scale.reshape(()).expand(ch_shape).clone(), q.zero.reshape(()).expand(ch_shape).clone())
+        layer.scale_made_per_channel = True
+        shape = ch_shape[:1] + [1] * (len(ch_shape) - 1)
     q.scale = q.scale * gamma.to(q.scale.dtype).view(shape)
     if layer.bias is None:
         layer.bias = nn.Parameter(beta.to(layer.weight.dtype).clone())
@@ -132,18 +157,21 @@ def apply(ctx: CompContext, cfg: dict) -> dict:
     target = cfg.get("target", "local")
     if target not in ("local", "global"):
         raise ConfigError(f"compensation.qwt_v2.target={target!r}: use 'global' (the FP model's output of each layer) or 'local'")
-    fold, unfoldable = bool(cfg.get("fold", True)), cfg.get("unfoldable", "error")
-    if unfoldable not in ("error", "keep_unfolded"):
-        raise ConfigError(f"compensation.qwt_v2.unfoldable={unfoldable!r}: use 'error' or 'keep_unfolded'")
+    fold, unfoldable = bool(cfg.get("fold", True)), cfg.get("unfoldable", "make_per_channel")
+    if unfoldable not in ("make_per_channel", "error", "keep_unfolded"):
+        raise ConfigError(f"compensation.qwt_v2.unfoldable={unfoldable!r}: use make_per_channel, error or keep_unfolded")
+    kinds = {n: fold_kind(m) for n, m in model.named_modules() if isinstance(m, _QuantWeighted)}
     if fold and unfoldable == "error":
-        bad = [n for n, m in model.named_modules() if isinstance(m, _QuantWeighted) and not m.per_channel_weight_scale()]
+        bad = [n for n, k in kinds.items() if k != "direct"]
         if bad:
             raise ConfigError(
-                f"QwT-v2 fold=true needs per-channel weight scales, but {len(bad)} layers (e.g. {bad[0]}) have none "
-                "(e.g. ptq=hist_w8a8 is per-tensor). Set compensation.qwt_v2.fold=false, or "
-                "compensation.qwt_v2.unfoldable=keep_unfolded to fold only where possible."
+                f"QwT-v2 fold=true with compensation.qwt_v2.unfoldable=error needs per-channel weight scales, but "
+                f"{len(bad)} layers (e.g. {bad[0]}) have a per-tensor one (e.g. ptq=hist_w8a8). Use "
+                "unfoldable=make_per_channel (the fold turns their scale per-channel), keep_unfolded, or fold=false."
             )
+    can_fold = {"direct"} | ({"per_tensor"} if unfoldable == "make_per_channel" else set())
     folded = kept = 0
+    made_per_channel = []
     store = None if ctx.store is None else torch.device(ctx.store)
     for seg in ctx.engine(cfg, kinds=("stem", "unit", "head"), fp_chain=target == "global", desc="qwt_v2 segments"):
         layers = seg.layers()
@@ -151,14 +179,19 @@ def apply(ctx: CompContext, cfg: dict) -> dict:
         for name, layer in layers:
             gamma, beta = fit_layer(layer, seg, cfg, None if fp_out is None else fp_out.pop(name))
             dtype = layer.weight.dtype
-            if fold and layer.per_channel_weight_scale():
+            if fold and kinds.get(name) in can_fold:
+                if kinds[name] == "per_tensor":
+                    made_per_channel.append(name)
                 fold_affine(layer, gamma, beta)
                 folded += 1
             else:
                 layer.out_gamma = nn.Parameter(gamma.to(dtype))
                 layer.out_beta = nn.Parameter(beta.to(dtype))
                 kept += 1
-    return {"layers_folded": folded, "layers_unfolded": kept, "target": target}
+    info = {"layers_folded": folded, "layers_unfolded": kept, "target": target}
+    if made_per_channel:  # these layers' weight scale became per-channel (recorded in the row)
+        info["weight_scale_made_per_channel"] = made_per_channel
+    return info
 
 
 @torch.no_grad()
@@ -166,7 +199,7 @@ def fold_all(model: nn.Module) -> int:
     """Fold every unfolded affine that can be folded (deployment step for fold=false models)."""
     n = 0
     for m in model.modules():
-        if isinstance(m, _QuantWeighted) and m.out_gamma is not None and m.per_channel_weight_scale():
+        if isinstance(m, _QuantWeighted) and m.out_gamma is not None and fold_kind(m) == "direct":
             g, b = m.out_gamma.detach(), m.out_beta.detach()
             m.out_gamma = m.out_beta = None
             fold_affine(m, g, b)
