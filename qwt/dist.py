@@ -52,3 +52,20 @@ def shard(indices: list[int]) -> list[int]:
 def barrier():
     if is_dist():
         dist.barrier()
+
+
+def all_gather_rows(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Concatenate every rank's ``t`` along ``dim`` (sizes along ``dim`` may differ)."""
+    if not is_dist():
+        return t
+    n = torch.tensor([t.shape[dim]], dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(world())]
+    dist.all_gather(sizes, n)
+    m = int(max(int(x) for x in sizes))
+    pad = list(t.shape)
+    pad[dim] = m - t.shape[dim]
+    padded = torch.cat([t, t.new_zeros(pad)], dim=dim)
+    dev = "cpu" if dist.get_backend() == "gloo" else padded.device
+    out = [torch.zeros_like(padded, device=dev) for _ in range(world())]
+    dist.all_gather(out, padded.to(dev))
+    return torch.cat([o.narrow(dim, 0, int(k)).to(t.device) for o, k in zip(out, sizes)], dim=dim)

@@ -139,7 +139,7 @@ def run(cfg: DictConfig) -> list[dict]:
             "run_id": run_id, "config_key": keys[variant], "exp": c.get("exp_name", "default"), "task": c["task"],
             "model": c["model"]["name"], "dataset": c["data"]["name"], "w_bits": w_bits, "a_bits": a_bits,
             "ptq": ptq_name, "compensation": variant, "metrics": metrics, "fp_metrics": fp_metrics,
-            "headline": task.headline, "weights_digest": digest,
+            "headline": task.headline, "weights_digest": digest, "numerics": (c.get("numerics") or {}).get("name"),
             "timings": {"ptq_s": round(ptq_s, 3), "compensation_s": round(comp_s, 3), "eval_s": round(eval_s, 3), "fp_eval_s": round(fp_eval_s, 3)},
             "extra_params": extra_params(adapter.model), "model_size_mb": round(model_size_mb(adapter.model), 4),
             "peak_mem_mb": round(peak_mem_mb(device), 1), "seed": seed, "world_size": dist.world(), "device": str(device),

@@ -53,7 +53,7 @@ def run_qwt(out: Path):
     """Embedded ViT, RTN W4A4 (stage 1 on the full calibration set), QwT with sharded calibration."""
     import yaml
 
-    from qwt.compensation import CompContext
+    from qwt.compensation import CompContext, method_settings
     from qwt.compensation import qwt as qwt_method
     from qwt.compensation.qwt import QwTBlock
     from qwt.models import adapter_for
@@ -63,7 +63,7 @@ def run_qwt(out: Path):
 
     model_cfg = yaml.safe_load((ROOT / "configs" / "model" / "embedded_vit.yaml").read_text())
     model_cfg["cache_dir"] = os.environ.get("QWT_CACHE", "~/.cache/qwt")
-    comp_cfg = yaml.safe_load((ROOT / "configs" / "compensation" / "_methods.yaml").read_text())["qwt"]
+    comp_cfg = method_settings()["qwt"]
     comp_cfg.update(num_samples=int(os.environ.get("QWT_TEST_CALIB", "128")), batch_size=32,
                     calib_transform=os.environ.get("QWT_TEST_TRANSFORM", "train"))
     device = torch.device("cpu")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from conftest import ROOT, make_tiny_resnet, make_tiny_swin, make_tiny_vit
-from qwt.compensation import CompContext, apply_variant
+from qwt.compensation import CompContext, apply_variant, method_settings
 from qwt.compensation.qwt import QwTBlock
 from qwt.engine import LayerwiseEngine, run_chain
 from qwt.models import AdaptedModel, ModelAdapter, State, Unit, adapter_for
@@ -102,7 +102,7 @@ def cond_batches(n=16, bs=8, seed=2):
 
 
 def settings(**over):
-    s = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "compensation" / "_methods.yaml"), resolve=False)
+    s = method_settings()
     s["qwt_star"]["qwt"] = s["qwt"]
     for k, v in over.items():
         s[k].update(v)
@@ -302,7 +302,7 @@ def test_conditioned_blocks_through_the_engine():
     assert isinstance(blk, QwTBlock)
     x, c = torch.randn(2, 6, 16), torch.randn(2, 16)
     with torch.no_grad():
-        torch.testing.assert_close(blk(x, c=c), blk.block(x, c) + blk.branch(x), rtol=0, atol=0)
+        torch.testing.assert_close(blk(x, c=c), blk.block(x, c) + blk.branch_out(x), rtol=0, atol=0)
 
 
 def test_float_view_teacher_is_the_fp_model():

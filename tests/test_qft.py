@@ -9,14 +9,14 @@ import torch
 import yaml
 
 from conftest import make_tiny_resnet, make_tiny_swin, make_tiny_vit
-from qwt.compensation import CompContext, apply_variant, qft
+from qwt.compensation import CompContext, apply_variant, method_settings, qft
 from qwt.models import adapter_for
 from qwt.ptq import apply_ptq, get_specs
 from qwt.quant import set_quant_state
 from qwt.quant.modules import _QuantWeighted
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = yaml.safe_load((ROOT / "configs" / "compensation" / "_methods.yaml").read_text())
+METHODS = method_settings()
 
 
 def _randomize_bn(model):

@@ -4,11 +4,12 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from conftest import ROOT, make_tiny_resnet, make_tiny_swin, make_tiny_vit
 from embedded_quant import calib_fn, quantized
-from qwt.compensation import CompContext, apply_variant, extra_params
+from qwt.compensation import CompContext, apply_variant, extra_params, method_settings as load_method_settings
 from qwt.compensation.lstsq import StreamingLeastSquares
 from qwt.compensation.qwt import QwTBlock
 from qwt.models import adapter_for
@@ -17,7 +18,7 @@ from qwt.quant import set_quant_state
 
 
 def method_settings(**qwt_overrides):
-    s = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "compensation" / "_methods.yaml"), resolve=False)
+    s = load_method_settings()
     s["qwt"].update(qwt_overrides)
     s["qwt_star"]["qwt"] = s["qwt"]
     return s
@@ -58,7 +59,8 @@ def vit_case():
     fp_adapter, q_adapter = quantized_tiny(make_tiny_vit, VIT_SHAPE)
     calib = random_calib(VIT_SHAPE)
     record = {}
-    comp, info, _ = compensate(q_adapter, fp_adapter, calib, num_samples=N_CALIB, batch_size=N_CALIB, _record=record)
+    comp, info, _ = compensate(q_adapter, fp_adapter, calib, num_samples=N_CALIB, batch_size=N_CALIB, _record=record,
+                               branch_precision="fp32")  # the least-squares math; branch precisions are tested apart
     return fp_adapter, q_adapter, comp, info, record, calib
 
 
@@ -193,9 +195,9 @@ def test_quantization_off_disables_the_branches(vit_case):
 
 def test_fp16_branch_option(vit_case):
     fp_adapter, q_adapter, comp32, _, record, calib = vit_case
-    comp16, info, _ = compensate(q_adapter, fp_adapter, calib, num_samples=N_CALIB, batch_size=N_CALIB, fp16=True)
+    comp16, info, _ = compensate(q_adapter, fp_adapter, calib, num_samples=N_CALIB, batch_size=N_CALIB, branch_precision="fp16")
     b16, b32 = comp16.get("blocks.0"), comp32.get("blocks.0")
-    assert b16.fp16 and b16.branch.weight.dtype == torch.float16 and not b32.fp16
+    assert b16.precision == "fp16" and b16.branch.weight.dtype == torch.float16 and b32.precision == "fp32"
     # block 0 is fitted on the same input either way: the same W, b, rounded to float16
     torch.testing.assert_close(b16.branch.weight, b32.branch.weight.half(), rtol=0, atol=0)
     x = record[0]
@@ -301,3 +303,46 @@ def test_qwt_lowers_held_out_logit_mse_on_embedded_w4a4_repq_vit(embedded_vit):
         mse_base = float((base_adapter.model(xs) - fp).pow(2).mean())
         mse_qwt = float((comp.model(xs) - fp).pow(2).mean())
     assert mse_qwt < mse_base, (mse_base, mse_qwt)
+
+
+def test_reference_branch_precision_fits_in_float32_and_infers_in_float16(vit_case):
+    """branch_precision=fp16_eval (the reference): later blocks are fitted on the float32 branch
+    (the same branches as fp32), and at inference x and W run in float16, the product is cast
+    back and the float32 bias added."""
+    fp_adapter, q_adapter, comp32, _, record, calib = vit_case
+    comp, info, _ = compensate(q_adapter, fp_adapter, calib, num_samples=N_CALIB, batch_size=N_CALIB, branch_precision="fp16_eval")
+    assert info["branch_precision"] == "fp16_eval"
+    for k in range(2):
+        a, b = comp.get(f"blocks.{k}"), comp32.get(f"blocks.{k}")
+        assert a.branch.weight.dtype == torch.float32 and not a.fitting
+        torch.testing.assert_close(a.branch.weight, b.branch.weight, rtol=0, atol=0)  # fitted in float32
+    blk, x = comp.get("blocks.1"), record[1]
+    try:
+        with torch.no_grad():
+            y = blk.branch_out(x)
+    except RuntimeError as e:
+        pytest.skip(f"float16 linear unavailable on this CPU build: {e}")
+    expected = F.linear(x.half(), blk.branch.weight.half()).float() + blk.branch.bias
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    blk.fitting = True
+    with torch.no_grad():
+        torch.testing.assert_close(blk.branch_out(x), blk.branch(x), rtol=0, atol=0)
+    blk.fitting = False
+
+
+def test_branch_that_overflows_float16_stays_float32(vit_case, monkeypatch):
+    fp_adapter, q_adapter, _, _, _, calib = vit_case
+    real = StreamingLeastSquares.solve
+
+    def huge(self, ridge=1e-6, max_tries=12):
+        W, b = real(self, ridge, max_tries)
+        return W * 1e9, b  # as a ridge-free solve of a singular block can give
+    monkeypatch.setattr(StreamingLeastSquares, "solve", huge)
+    monkeypatch.setattr(StreamingLeastSquares, "r2", lambda self, W, b: 0.5)
+    comp, info, _ = compensate(q_adapter, fp_adapter, calib, num_samples=N_CALIB, batch_size=N_CALIB, branch_precision="fp16")
+    kept = info["branches_kept_fp32"]
+    assert 0 in kept
+    for k in kept:  # recorded, and really float32
+        blk = comp.get(f"blocks.{k}")
+        assert blk.precision == "fp32" and blk.branch.weight.dtype == torch.float32
+        assert float(blk.branch.weight.abs().max()) > 65504

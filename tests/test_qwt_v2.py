@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import ROOT, make_tiny_vit
-from qwt.compensation import CompContext, apply_variant, extra_params
+from qwt.compensation import CompContext, apply_variant, extra_params, method_settings
 from qwt.compensation import qwt_v2
 from qwt.compensation.qwt_v2 import ChannelStats, fit_layer, fold_affine, fold_all
 from qwt.engine import LayerwiseEngine
@@ -21,7 +21,7 @@ N_CALIB, BATCH = 32, 16  # two batches: statistics are streamed
 
 
 def settings(**overrides):
-    s = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "compensation" / "_methods.yaml"), resolve=False)
+    s = method_settings()
     s["qwt_star"]["qwt"] = s["qwt"]
     s["qwt_v2"].update(num_samples=N_CALIB, batch_size=BATCH)
     s["qwt_v2"].update(overrides)

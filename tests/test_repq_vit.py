@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import make_tiny_swin, make_tiny_vit
 from embedded_quant import fp_top1, quantized
 from qwt.models import adapter_for
-from qwt.ptq import apply_ptq, get_specs
+from qwt.ptq import NUMERICS_DEFAULT, apply_ptq, get_specs
 from qwt.quant import set_quant_state
 from qwt.quant.quantizer import fake_quant_uniform
 
@@ -38,7 +38,9 @@ def repq_with_capture(fp, family, w_bits=4, a_bits=4):
     quantizer just before the reparameterization."""
     q = copy.deepcopy(fp)
     adapter = adapter_for(q)
-    specs = get_specs("repq_vit", w_bits, a_bits)
+    # reparam_zero=round: with an integer zero-point the per-tensor quantizer after the fold is exactly
+    # the per-channel one before it (the test below); the reference's float zero-point is tested apart
+    specs = get_specs("repq_vit", w_bits, a_bits, numerics={**NUMERICS_DEFAULT, "reparam_zero": "round"})
     reparam = specs.post_calibration
     captured = {}
 
@@ -173,9 +175,14 @@ def test_w8a8_output_stays_close(method):
 
 
 @pytest.mark.parametrize("method", ["repq_vit", "rtn"])
-def test_w4a4_loses_accuracy_on_the_embedded_model(embedded_vit, method):
-    fp = fp_top1(embedded_vit)
-    _, q = quantized(embedded_vit, method, 4, 4)
-    assert fp > 80.0  # the embedded model is trained (sanity)
-    assert q < fp
-    assert q > 20.0  # but it is not broken (10 classes: chance = 10%)
+def test_w4a4_moves_the_embedded_model_further_than_w6a6(embedded_vit, method):
+    """On held-out images, 4-bit quantization moves the logits further from FP than 6-bit, and the
+    quantized model still classifies (a property of any trained model, not of these weights)."""
+    model, data = embedded_vit
+    assert fp_top1(embedded_vit) > 80.0  # the embedded model is trained (sanity)
+    xs = torch.stack([data.val[i][0] for i in range(len(data.val))])
+    with torch.no_grad():
+        fp = model(xs)
+        err = {b: float((quantized(embedded_vit, method, b, b)[0].model(xs) - fp).pow(2).mean()) for b in (4, 6)}
+    assert err[4] > 2 * err[6], err
+    assert quantized(embedded_vit, method, 4, 4)[1] > 20.0  # not broken (10 classes: chance = 10%)

@@ -93,7 +93,9 @@ def build_variants(args):
     q = fp.clone()
     specs = get_specs(args.ptq, int(bits["w"]), int(bits["a"]), **p.get("options", {}))
     apply_ptq(q, specs, calib(int(p["num_samples"]), p["calib_transform"], int(p["batch_size"])), int(p["max_observer_elements"]))
-    settings = load_yaml("compensation/_methods.yaml")
+    from qwt.compensation import method_settings
+
+    settings = method_settings()
     calib_n = args.calib if args.calib is not None else (512 if args.model == "embedded_vit" else 64)
     for m in ("qwt", "qwt_v2"):
         settings[m].update(num_samples=calib_n, batch_size=min(64, calib_n))

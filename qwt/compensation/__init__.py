@@ -35,3 +35,16 @@ def apply_variant(ctx: CompContext, variant: str, settings: dict) -> dict:
     for step in parse_variant(variant):
         info[step] = get_method(step).apply(ctx, dict(settings[step]))
     return info
+
+
+def method_settings(numerics: str | dict = "default") -> dict:
+    """Every stage-2 method's settings as ``configs/compensation/_methods.yaml`` gives them, resolved
+    with a numerics profile (a name under ``configs/numerics/`` or a dict): for use without Hydra."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    prof = OmegaConf.load(configs / "numerics" / f"{numerics}.yaml") if isinstance(numerics, str) else OmegaConf.create(numerics)
+    root = OmegaConf.create({"numerics": prof, "compensation": OmegaConf.load(configs / "compensation" / "_methods.yaml")})
+    return OmegaConf.to_container(root, resolve=True)["compensation"]

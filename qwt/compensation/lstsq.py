@@ -70,3 +70,66 @@ class StreamingLeastSquares:
         """One R^2 over all groups and output columns: 1 - SSE / SST (SST about column means)."""
         sst = float(self.sst().sum())
         return 1.0 - float(self.sse(W, b).sum()) / sst if sst > 0 else 0.0
+
+
+class ReferenceInverseSolve:
+    """The official QwT code's regression: every row kept (float32), the ones column appended,
+    theta = inverse(X1^T X1 + ridge I) @ X1^T @ Y evaluated left to right (ridge: 0 for the vision
+    blocks; an absolute 1e-3 for the ResNet grouped branch); R^2 from the fitted predictions,
+    1 - sum((Y - X W - b)^2) / sum((Y - mean(Y))^2), one scalar over all groups and columns, where
+    the mean is over all rows for token rows and over the batch (per channel and pixel) for conv
+    rows (``positions`` rows per sample), as the reference computes it. On rank-deficient inputs
+    the float32 inverse is garbage or inf, and R^2 is negative or NaN (the gate then switches the
+    block off, as in the reference). Under torchrun the rows of every rank are gathered."""
+
+    def __init__(self, d_in: int, d_out: int, groups: int = 1, device=None, positions: int = 1):
+        self.d_in, self.d_out, self.groups = d_in, d_out, groups
+        self.positions = positions
+        self.X: list = []
+        self.R: list = []
+        self.ridge_used = 0.0
+
+    @torch.no_grad()
+    def update(self, X: torch.Tensor, R: torch.Tensor) -> None:
+        if X.dim() == 2:
+            X, R = X[None], R[None]
+        self.X.append(X.float())
+        self.R.append(R.float())
+
+    def all_reduce(self) -> None:
+        self.X = [torch.cat(self.X, dim=1)]
+        self.R = [torch.cat(self.R, dim=1)]
+        if dist.world() > 1:
+            self.X, self.R = [dist.all_gather_rows(self.X[0], dim=1)], [dist.all_gather_rows(self.R[0], dim=1)]
+
+    @torch.no_grad()
+    def solve(self, ridge: float = 0.0):
+        Ws, bs, res, tot = [], [], 0.0, 0.0
+        P = self.positions
+        for X, R in zip(self.X[0], self.R[0]):  # one plain 2-D problem per group, as the reference
+            X1 = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype, device=X.device)], dim=-1)
+            X1t = X1.t()
+            XtX = X1t @ X1
+            if ridge:
+                XtX = XtX + ridge * torch.eye(XtX.shape[0], dtype=XtX.dtype, device=XtX.device)
+            try:
+                theta = torch.inverse(XtX) @ X1t @ R
+            except torch.linalg.LinAlgError:  # exactly singular in float32: no fit (NaN R^2: the gate is off)
+                theta = torch.full((X1.shape[1], R.shape[1]), float("nan"), dtype=R.dtype, device=R.device)
+            W, b = theta[:-1, :], theta[-1, :]
+            pred = X @ W + b
+            n, d = R.shape
+            Rm = R.view(n // P, P, d).mean(dim=0, keepdim=True).expand(n // P, P, d).reshape(n, d)
+            res += float(torch.sum((R - pred).pow(2)))
+            tot += float(torch.sum((R - Rm).pow(2)))
+            Ws.append(W)
+            bs.append(b)
+        self.ridge_used = float(ridge)
+        self._r2 = 1 - res / tot if tot > 0 else float("nan")
+        return torch.stack(Ws).double(), torch.stack(bs).double()
+
+    def r2(self, W, b) -> float:
+        return self._r2
+
+
+SOLVERS = {"cholesky": StreamingLeastSquares, "inverse": ReferenceInverseSolve}

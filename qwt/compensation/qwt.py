@@ -8,8 +8,10 @@ activations); Y_Q is block k's quantized output on X. The target Y_FP (``target`
   local   block k with quantization off on the same X (the vision reference code, the paper);
   global  the FP model's own output of block k (the FP chain), so the branch also absorbs the
           error accumulated upstream (the reference LLaMA code).
-W, b minimise ||(Y_FP - Y_Q) - X W - b||^2 (every token / pixel a row), solved from streamed
-float64 statistics (``lstsq.py``). R^2 gate: a block whose fit has R^2 <= 0 gets no branch.
+W, b minimise ||(Y_FP - Y_Q) - X W - b||^2 (every token / pixel a row), ``solver``: "cholesky"
+(ours: streamed float64 statistics, relative ridge) or "inverse" (the reference code: every row
+kept in float32, W = inverse(X1^T X1) X1^T Y, R^2 from the fitted predictions; see ``lstsq.py``).
+R^2 gate: a block whose fit has R^2 <= 0 (or NaN, when the float32 inverse fails) gets no branch.
 ``start_block`` leaves earlier blocks alone. The branch sees only the block's main input; keyword
 state (masks, position embeddings, conditioning) passes through to the block unchanged.
 
@@ -23,24 +25,43 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+import torch.nn.functional as F
+
+from ..errors import ConfigError
 from ..quant import set_quant_state
 from .base import CompContext
-from .lstsq import StreamingLeastSquares
+from .lstsq import SOLVERS, StreamingLeastSquares
+
+
+FP16_MAX = 65504.0
+PRECISIONS = ("fp32", "fp16", "fp16_eval")
 
 
 class QwTBlock(nn.Module):
     """block(x, ...) + branch(x); the branch is active only when the model runs quantized. A block
-    returning a tuple gets the branch added to its first element."""
+    returning a tuple gets the branch added to its first element.
+
+    precision (``qwt.branch_precision``):
+      fp32       the branch in the model's dtype;
+      fp16       weight and bias stored in float16, x cast to half; later blocks are fitted on
+                 this half branch's output;
+      fp16_eval  the reference code: fitted and run in float32 while QwT (or QwT*) is fitting
+                 (``fitting=True``); at inference x and the weight in float16, the product cast
+                 back, plus the float32 bias.
+    """
 
     follows_quant_state = True
     wraps_block = True
 
-    def __init__(self, block: nn.Module, branch: nn.Module, r2: float, fp16: bool = False):
+    def __init__(self, block: nn.Module, branch: nn.Module, r2: float, precision: str = "fp32"):
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"branch precision {precision!r}: use one of {PRECISIONS}")
         self.block = block
         self.branch = branch
         self.r2 = r2
-        self.fp16 = fp16
+        self.precision = precision
+        self.fitting = False
         self.active = True
 
     def set_quant_state(self, weight: bool, act: bool):
@@ -49,15 +70,24 @@ class QwTBlock(nn.Module):
     def get_quant_state(self):
         return self.active, self.active
 
+    def branch_out(self, x):
+        if self.precision == "fp16":
+            return self.branch(x.half())
+        if self.precision == "fp16_eval" and not self.fitting:
+            b = self.branch
+            w = b.weight.half()
+            if isinstance(b, nn.Conv2d):
+                out = F.conv2d(x.half(), w, None, b.stride, b.padding, b.dilation, b.groups)
+                return out.float() + b.bias.view(1, -1, 1, 1)
+            return F.linear(x.half(), w).float() + b.bias
+        return self.branch(x)
+
     def forward(self, x, *args, **kwargs):
         out = self.block(x, *args, **kwargs)
         if not self.active:
             return out
         y = out[0] if isinstance(out, tuple) else out
-        if self.fp16:
-            y = y + self.branch(x.half()).to(y.dtype)
-        else:
-            y = y + self.branch(x)
+        y = y + self.branch_out(x).to(y.dtype)
         return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
 
     def extra_param_count(self) -> int:
@@ -65,6 +95,12 @@ class QwTBlock(nn.Module):
 
     def compensation_parameters(self):
         return list(self.branch.parameters())
+
+
+def set_fitting(model: nn.Module, fitting: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, QwTBlock):
+            m.fitting = fitting
 
 
 class _Rows:
@@ -81,6 +117,10 @@ class _Rows:
             self.d_in, self.d_out = self.c_in // self.groups, self.c_out // self.groups
         else:
             self.groups, self.d_in, self.d_out = 1, x.shape[-1], y.shape[-1]
+
+    def positions(self, y) -> int:
+        """Regression rows per sample that share a position (conv: output pixels; tokens: 1)."""
+        return int(y.shape[2] * y.shape[3]) if self.conv else 1
 
     def __call__(self, x, r):
         if not self.conv:
@@ -109,9 +149,16 @@ def apply(ctx: CompContext, cfg: dict) -> dict:
     """Fit and insert QwT branches into ``ctx.adapter.model``; returns per-block R^2 etc."""
     adapter = ctx.adapter
     target = cfg.get("target", "local")
+    solver_name = cfg.get("solver", "cholesky")
+    if solver_name not in SOLVERS:
+        raise ConfigError(f"compensation.qwt.solver={solver_name!r}: use one of {sorted(SOLVERS)}")
+    precision = cfg.get("branch_precision", "fp32")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"compensation.qwt.branch_precision={precision!r}: use one of {PRECISIONS}")
     set_quant_state(adapter.model, True, True)
+    set_fitting(adapter.model, True)
     record = cfg.get("_record")  # tests: {unit index: first regression X}
-    r2s, fitted, ridge_used = [], 0, []
+    r2s, fitted, ridge_used, kept_fp32 = [], 0, [], []
     engine = ctx.engine(cfg, fp_chain=target == "global", desc="qwt blocks")
     for seg in engine:
         k = seg.index
@@ -123,18 +170,33 @@ def apply(ctx: CompContext, cfg: dict) -> dict:
             if rows is None:
                 x0 = x
                 rows = _Rows(x, y_q, adapter.unit_layout == "nchw", int(cfg.get("group_channels", 64)))
-                solver = StreamingLeastSquares(rows.d_in, rows.d_out, rows.groups, device=x.device)
+                kw_solver = {"positions": rows.positions(y_q)} if solver_name == "inverse" else {}
+                solver = SOLVERS[solver_name](rows.d_in, rows.d_out, rows.groups, device=x.device, **kw_solver)
                 if record is not None:
                     record[k] = x.clone()
             solver.update(*rows(x, y_fp - y_q))
         solver.all_reduce()
-        ridge = float(cfg["ridge_conv"] if rows.conv else cfg["ridge"])
+        if solver_name == "inverse":  # the reference: no ridge for token rows, an absolute ridge_conv for convs
+            ridge = float(cfg["ridge_conv"]) if rows.conv else 0.0
+        else:
+            ridge = float(cfg["ridge_conv"] if rows.conv else cfg["ridge"])
         W, b = solver.solve(ridge)
         r2 = solver.r2(W, b)
         r2s.append(r2)
         ridge_used.append(solver.ridge_used)
         if r2 > 0:
-            branch = rows.branch(W, b, torch.float16 if cfg.get("fp16") else x0.dtype, x0.device)
-            seg.replace(QwTBlock(seg.module, branch, r2, fp16=bool(cfg.get("fp16"))))
+            prec = precision
+            if prec != "fp32" and (float(W.abs().max()) > FP16_MAX or float(b.abs().max()) > FP16_MAX):
+                prec = "fp32"  # a branch that overflows float16 stays in float32 (recorded)
+                kept_fp32.append(k)
+            dtype = torch.float16 if prec == "fp16" else x0.dtype
+            block = QwTBlock(seg.module, rows.branch(W, b, dtype, x0.device), r2, precision=prec)
+            block.fitting = True
+            seg.replace(block)
             fitted += 1
-    return {"r2": r2s, "blocks_compensated": fitted, "ridge_used": ridge_used, "target": target}
+    set_fitting(adapter.model, False)
+    info = {"r2": r2s, "blocks_compensated": fitted, "ridge_used": ridge_used, "target": target,
+            "solver": solver_name, "branch_precision": precision}
+    if kept_fp32:
+        info["branches_kept_fp32"] = kept_fp32  # their weights overflow float16
+    return info

@@ -25,7 +25,10 @@ class QuantAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        attn = self.matmul1(q * self.scale, k.transpose(-2, -1))
+        if self.scale_after:  # the reference code: q @ k^T first, then the scale
+            attn = self.matmul1(q, k.transpose(-2, -1)) * self.scale
+        else:
+            attn = self.matmul1(q * self.scale, k.transpose(-2, -1))
         attn = self.attn_drop(attn.softmax(dim=-1))
         x = self.matmul2(attn, v)
         x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
@@ -42,7 +45,10 @@ class QuantWindowAttention(WindowAttention):
         B_, N, _ = x.shape
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        attn = self.matmul1(q * self.scale, k.transpose(-2, -1))
+        if self.scale_after:
+            attn = self.matmul1(q, k.transpose(-2, -1)) * self.scale
+        else:
+            attn = self.matmul1(q * self.scale, k.transpose(-2, -1))
         attn = attn + self._get_rel_pos_bias()
         if mask is not None:
             num_win = mask.shape[0]
@@ -67,6 +73,7 @@ def _swap_attention(cls):
         pv = lq.pv or (None, None)
         m.matmul1 = QuantMatMul(qk[0], qk[1], max_elements)
         m.matmul2 = QuantMatMul(pv[0], pv[1], max_elements)
+        m.scale_after = bool(lq.scale_after)
         return m
 
     return patch

@@ -4,13 +4,17 @@
   Weights per output channel, activations per tensor.
 - Inputs of Linears fed by a norm (qkv, fc1, Swin's reduction; LayerNorm or RMSNorm) are first calibrated per
   channel (delta_c, z_c), then reparameterized to one per-tensor quantizer:
-    delta~ = mean delta_c, z~ = round(mean z_c), r_c = delta_c / delta~,
+    delta~ = mean delta_c, z~ = mean z_c (kept as a float, as the official code; ``numerics.reparam_zero=round``
+    rounds it to an integer), r_c = delta_c / delta~,
     beta_c = min_c / r_c - min~   (min_c = -z_c delta_c, min~ = -z~ delta~)
   folded into the LayerNorm (gamma_c <- gamma_c / r_c, b_c <- b_c / r_c - beta_c) and into the
   next Linear (W[:, c] <- W[:, c] r_c, bias <- bias + W (r * beta)), then weight scales are
   re-calibrated. In float this is an exact identity (tests/test_repq_vit.py). A norm without a
   bias (RMSNorm) gets one for the shift (``NormWithBias``, counted as extra parameters).
 - Post-softmax attention probabilities: log-sqrt2 quantizer; q, k, v: per-tensor uniform.
+- Edge layers (``numerics.edge_layers``): "reference" = the official code's rule (every Conv2d,
+  i.e. the patch embedding, has an 8-bit input quantizer and run-bits weights; every Linear, the
+  classifier included, is at the run's bits); "w8a8" = patch embedding and classifier at W8A8.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ def specs(w_bits: int, a_bits: int, keep_8bit: bool = True, **_) -> MethodSpecs:
         keep_8bit=keep_8bit,
         post_ln_act=act.with_(granularity="channel", axis=-1),
         post_calibration=reparameterize,
+        options={"reference_edge_rule": "repq_vit"},
     )
 
 
@@ -44,10 +49,12 @@ def reparameterize(adapter, specs: MethodSpecs):
         q = lins[0].in_quant
         delta, zero = q.scale.flatten(), q.zero.flatten()
         d_t = delta.mean()
-        z_t = torch.round(zero.mean())
+        z_t = zero.mean()
+        if specs.options.get("reparam_zero", "float") == "round":  # ours: keep an integer zero-point
+            z_t = torch.round(z_t)
         r = delta / d_t
         beta = (-zero * delta) / r - (-z_t * d_t)
-        fold_channel_affine(adapter, ln_name, lins, r, beta)
+        fold_channel_affine(adapter, ln_name, lins, r, beta, bias_order=specs.options.get("reparam_bias", "ours"))
         for lin in lins:
             per_tensor = Quantizer(specs.act, q.max_elements)
             per_tensor.set_params(d_t.reshape(()), z_t.reshape(()))
@@ -74,9 +81,10 @@ class NormWithBias(nn.Module):
 
 
 @torch.no_grad()
-def fold_channel_affine(adapter, norm_name: str, lins, r: torch.Tensor, beta: torch.Tensor):
+def fold_channel_affine(adapter, norm_name: str, lins, r: torch.Tensor, beta: torch.Tensor, bias_order: str = "ours"):
     """Norm output y -> y / r - beta; each following Linear absorbs the inverse (exact in float).
-    A norm without a bias (RMSNorm) gets one (``NormWithBias``)."""
+    A norm without a bias (RMSNorm) gets one (``NormWithBias``). bias_order: "ours" adds
+    W (r * beta) with the unscaled W; "reference" scales W by r first and adds (W r) beta."""
     norm = adapter.get(norm_name)
     if isinstance(norm, NormWithBias):
         weight, bias_owner = norm.norm.weight, norm
@@ -86,8 +94,12 @@ def fold_channel_affine(adapter, norm_name: str, lins, r: torch.Tensor, beta: to
         raise ValueError(f"RepQ-ViT reparameterization needs an affine norm ('{norm_name}' has no weight)")
     for lin in lins:
         w = lin.weight
-        extra = w @ (r * beta)
-        w.mul_(r[None, :])
+        if bias_order == "reference":
+            w.mul_(r[None, :])
+            extra = torch.mm(w, beta.reshape(-1, 1)).reshape(-1)
+        else:
+            extra = w @ (r * beta)
+            w.mul_(r[None, :])
         if lin.bias is None:
             lin.bias = nn.Parameter(extra.clone())
         else:

@@ -29,6 +29,7 @@ class Quantizer(nn.Module):
         self.register_buffer("scale", None)
         self.register_buffer("zero", None)
         self.observer: Observer | None = None
+        self.init_on_call = False  # calibrate from the first tensor that passes, then quantize it (quantized-path calibration)
         self.ste = False  # straight-through rounding (set by methods that train)
         self.lsq = False  # scale is a Parameter with LSQ gradient scaling
 
@@ -81,6 +82,11 @@ class Quantizer(nn.Module):
         if self.observer is not None:
             self.observer.update(x)
             return x
+        if self.init_on_call:  # the reference's lazy init: this call's tensor alone sets the range
+            obs = Observer(self.spec, max(self.max_elements, x.numel()))
+            obs.update(x)
+            self.set_params(*obs.compute())
+            self.init_on_call = False
         if self.spec.dynamic:
             return fake_quant(x, self.spec, *dynamic_qparams(x, self.spec), ste=self.ste)
         if not self.calibrated:
@@ -319,6 +325,25 @@ class float_view:
 
     def __exit__(self, *exc):
         restore_quant_state(self.saved)
+        return False
+
+
+class calibrate_on_first_call:
+    """Context: every (static) activation quantizer of ``model`` takes its range from the first
+    tensor it sees and quantizes it at once, so each quantizer is calibrated on the already
+    quantized upstream (the official RepQ-ViT / QwT code's calibration forward)."""
+
+    def __init__(self, model: nn.Module):
+        self.qs = [q for m in quant_modules(model) for q in _act_quantizers(m) if not q.spec.dynamic]
+
+    def __enter__(self):
+        for q in self.qs:
+            q.init_on_call = True
+        return self
+
+    def __exit__(self, *exc):
+        for q in self.qs:
+            q.init_on_call = False
         return False
 
 

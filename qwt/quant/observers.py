@@ -36,13 +36,42 @@ def rowwise_quantile(v: torch.Tensor, q: float) -> torch.Tensor:
     return rowwise_quantiles(v, [q])[0]
 
 
-def _l2_rows(v, v_hat):
-    return (v - v_hat).pow(2).sum(dim=-1)
+TORCH_QUANTILE_LIMIT = 16_000_000  # torch.quantile refuses larger inputs
+
+
+def torch_quantiles(v: torch.Tensor, qs) -> list[torch.Tensor]:
+    """Quantiles along the last dim exactly as the reference code takes them: ``torch.quantile``
+    (float32 rank and interpolation) per row, numpy's percentile where a row is too large for it."""
+    import numpy as np
+
+    out = []
+    for q in qs:
+        if v.numel() <= TORCH_QUANTILE_LIMIT:
+            out.append(torch.quantile(v, float(q), dim=-1))
+            continue
+        vals = []
+        for row in v:
+            if row.numel() <= TORCH_QUANTILE_LIMIT:
+                vals.append(torch.quantile(row, float(q)))
+            else:  # the reference's fallback: np.percentile(x, q * 100) as float32
+                vals.append(torch.tensor(np.percentile(row.cpu().numpy(), float(q) * 100), dtype=torch.float32, device=v.device))
+        out.append(torch.stack(vals))
+    return out
+
+
+def quantiles(v: torch.Tensor, qs, spec: QuantSpec) -> list[torch.Tensor]:
+    return torch_quantiles(v, qs) if spec.quantile == "torch" else rowwise_quantiles(v, qs)
+
+
+def _l2_rows(v, v_hat, spec: QuantSpec | None = None):
+    d = (v - v_hat).pow(2)
+    # the reference scores a candidate by the mean squared error; ours sums (same order up to float ties)
+    return d.mean(dim=-1) if spec is not None and spec.quantile == "torch" else d.sum(dim=-1)
 
 
 def _uniform_err(v, lo, hi, spec):
     scale, zero = qparams_from_range(lo, hi, spec)
-    return _l2_rows(v, fake_quant_uniform(v, scale[:, None], zero[:, None], spec.qmin, spec.qmax)), scale, zero
+    return _l2_rows(v, fake_quant_uniform(v, scale[:, None], zero[:, None], spec.qmin, spec.qmax), spec), scale, zero
 
 
 def _search(v, candidates, spec):
@@ -81,17 +110,17 @@ def compute_qparams(v: torch.Tensor, spec: QuantSpec):
     if spec.scheme == "log_sqrt2":
         # delta candidates = high quantiles of x (values are in [0, 1] after softmax)
         best_err, best_delta = None, None
-        cands = rowwise_quantiles(v, REPQ_PERCENTILES) if spec.estimator != "minmax" else [v.amax(-1)]
+        cands = quantiles(v, REPQ_PERCENTILES, spec) if spec.estimator != "minmax" else [v.amax(-1)]
         for delta in cands:
             delta = delta.clamp_min(1e-8)
-            err = _l2_rows(v, fake_quant_log_sqrt2(v, delta[:, None], spec.bits))
+            err = _l2_rows(v, fake_quant_log_sqrt2(v, delta[:, None], spec.bits, spec.log_floor), spec)
             if best_err is None or bool((err < best_err).all()):
                 best_err, best_delta = err, delta
         return best_delta, torch.zeros_like(best_delta)
     if spec.estimator == "minmax":
         return qparams_from_range(v.amin(-1), v.amax(-1), spec)
     if spec.estimator == "percentile_search":
-        qs = rowwise_quantiles(v, [f(p) for p in REPQ_PERCENTILES for f in (lambda p: 1 - p, lambda p: p)])
+        qs = quantiles(v, [f(p) for p in REPQ_PERCENTILES for f in (lambda p: 1.0 - p, lambda p: p)], spec)
         cands = list(zip(qs[0::2], qs[1::2]))
         return _search(v, cands, spec)
     if spec.estimator == "mse":

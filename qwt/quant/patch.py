@@ -22,12 +22,14 @@ from .quantizer import QuantSpec
 @dataclass(frozen=True)
 class LayerQuant:
     """What one module gets. For Linear/Conv2d: ``weight`` and ``act`` (its input). For attention:
-    ``qk`` = specs of (q, k^T) operands of q @ k^T, ``pv`` = specs of (attn, v) of attn @ v."""
+    ``qk`` = specs of (q, k^T) operands of q @ k^T, ``pv`` = specs of (attn, v) of attn @ v;
+    ``scale_after``: the attention scale multiplies q @ k^T (the reference code) instead of q."""
 
     weight: QuantSpec | None = None
     act: QuantSpec | None = None
     qk: tuple[QuantSpec | None, QuantSpec | None] | None = None
     pv: tuple[QuantSpec | None, QuantSpec | None] | None = None
+    scale_after: bool = False
 
 
 PATCHERS: dict[type, Callable[[nn.Module, LayerQuant, int], nn.Module]] = {}

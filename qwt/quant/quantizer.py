@@ -27,6 +27,14 @@ class QuantSpec:
     calibrated: asymmetric, range [min, max] of each group (0 not forced into it),
     scale = max(max - min, 1e-5) / qmax, zero = clamp(round(-min / scale), 0, qmax) (Q-DiT's rule).
     Use with granularity "token" or "group" (activations).
+
+    Numerics where the official RepQ-ViT code computes differently (``configs/numerics/``):
+    quantile: "exact" (percentile positions ranked in float64, L2 score summed) or "torch"
+    (``torch.quantile`` in float32 -- numpy's percentile above its 16M-element limit -- and the
+    score as a mean, as the reference code). log_floor: the log-sqrt2 quantizer's input x / delta
+    is clamped to at least this before the logarithm (reference: 1e-6; 0: x = 0 maps to 0).
+    zero_in_range / clamp_zero: an asymmetric range is widened to include 0 / the zero-point is
+    clamped to the code range (ours: both; the reference: neither).
     """
 
     bits: int = 8
@@ -38,6 +46,10 @@ class QuantSpec:
     estimator: str = "minmax"
     percentile: float = 99.99
     dynamic: bool = False
+    quantile: str = "exact"
+    log_floor: float = 0.0
+    zero_in_range: bool = True
+    clamp_zero: bool = True
 
     def __post_init__(self):
         if not 1 <= int(self.bits) <= 16:
@@ -52,6 +64,8 @@ class QuantSpec:
             raise ValueError("the log-sqrt2 quantizer is per-tensor only (granularity='tensor')")
         if self.granularity == "group" and int(self.group_size) < 1:
             raise ValueError(f"QuantSpec.group_size must be >= 1, got {self.group_size}")
+        if self.quantile not in ("exact", "torch"):
+            raise ValueError(f"QuantSpec.quantile must be 'exact' or 'torch', got {self.quantile!r}")
         if self.dynamic and (self.symmetric or self.scheme != "uniform" or self.granularity not in ("token", "group", "tensor")):
             raise ValueError("dynamic quantization is uniform asymmetric with granularity 'token', 'group' or 'tensor'")
 
@@ -98,6 +112,8 @@ def to_stat_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         return x.reshape(-1, x.shape[-1])
     if spec.granularity == "channel":
         axis = spec.axis % x.dim()
+        if axis == x.dim() - 1:  # channels last (activations): each row in the tensor's own element order
+            return x.reshape(-1, x.shape[-1]).t().contiguous()
         return x.transpose(0, axis).reshape(x.shape[axis], -1)
     g = spec.group_size
     if x.shape[-1] % g:
@@ -120,16 +136,20 @@ def param_shape(x_shape: torch.Size, spec: QuantSpec) -> tuple[int, ...]:
 
 
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, eps: float = 1e-8):
-    """Scale and zero-point (both float tensors) of a uniform grid covering [lo, hi]."""
-    lo = torch.minimum(lo, torch.zeros_like(lo))
-    hi = torch.maximum(hi, torch.zeros_like(hi))
+    """Scale and zero-point (both float tensors) of a uniform grid covering [lo, hi] (widened to
+    include 0 unless ``spec.zero_in_range`` is off; symmetric grids always include 0)."""
+    if spec.zero_in_range or spec.symmetric:
+        lo = torch.minimum(lo, torch.zeros_like(lo))
+        hi = torch.maximum(hi, torch.zeros_like(hi))
     if spec.symmetric:
         amax = torch.maximum(-lo, hi)
         scale = (amax / spec.qmax).clamp_min(eps)
         zero = torch.zeros_like(scale)
     else:
         scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(eps)
-        zero = torch.clamp(torch.round(-lo / scale), spec.qmin, spec.qmax)
+        zero = torch.round(-lo / scale)
+        if spec.clamp_zero:
+            zero = torch.clamp(zero, spec.qmin, spec.qmax)
     return scale, zero
 
 
@@ -164,7 +184,7 @@ def dynamic_qparams(x: torch.Tensor, spec: QuantSpec):
 def fake_quant(x: torch.Tensor, spec: QuantSpec, scale, zero, ste: bool = False) -> torch.Tensor:
     """Fake-quantize ``x`` with parameters shaped by ``param_shape`` (group view handled here)."""
     if spec.scheme == "log_sqrt2":
-        x_hat = fake_quant_log_sqrt2(x, scale, spec.bits)
+        x_hat = fake_quant_log_sqrt2(x, scale, spec.bits, spec.log_floor)
         # ste: identity gradient to x (the codes are computed without gradient); delta keeps its own
         return x_hat + (x - x.detach()) if ste else x_hat
     if spec.granularity == "group":
@@ -174,20 +194,23 @@ def fake_quant(x: torch.Tensor, spec: QuantSpec, scale, zero, ste: bool = False)
     return fake_quant_uniform(x, scale, zero, spec.qmin, spec.qmax, ste)
 
 
-def log_sqrt2_codes(x: torch.Tensor, delta, bits: int) -> torch.Tensor:
-    """q = round(-2 log2(x / delta)); codes >= 2^b (incl. x = 0) mean 'zero'."""
+def log_sqrt2_codes(x: torch.Tensor, delta, bits: int, floor: float = 0.0) -> torch.Tensor:
+    """q = round(-2 log2(x / delta)); codes >= 2^b (incl. x = 0 without a floor) mean 'zero'.
+    ``floor`` > 0: x / delta is clamped to at least ``floor`` first (the reference code: 1e-6)."""
     with torch.no_grad():
+        if floor > 0:
+            return torch.round(-1 * torch.log2(torch.clamp(x / delta, min=floor)) * 2)
         return torch.round(-2.0 * torch.log2(x.clamp_min(0) / delta))
 
 
-def fake_quant_log_sqrt2(x: torch.Tensor, delta, bits: int) -> torch.Tensor:
+def fake_quant_log_sqrt2(x: torch.Tensor, delta, bits: int, floor: float = 0.0) -> torch.Tensor:
     """RepQ-ViT's log-sqrt2 quantizer for post-softmax values in [0, 1].
 
     q = clamp(round(-2 log2(x/delta)), 0, 2^b - 1);  x_hat = delta * 2^(-ceil(q/2)) * sqrt2^(q mod 2);
-    codes past the range (tiny x and x = 0) dequantize to 0.
+    codes past the range (tiny x, and x = 0 unless a ``floor`` keeps it in range) dequantize to 0.
     """
     n_levels = 2**bits
-    q = log_sqrt2_codes(x, delta, bits)
+    q = log_sqrt2_codes(x, delta, bits, floor)
     beyond = q >= n_levels
     q = q.clamp(0, n_levels - 1)
     odd = torch.remainder(q, 2)
