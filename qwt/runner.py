@@ -30,6 +30,7 @@ from .ptq import apply_ptq, get_specs
 from .results import append_row, config_key, finished_keys, git_sha, now_iso, read_rows, versions
 from .tasks.base import make_task
 from .tracking import make_logger
+from .validate import check_config, check_sizes
 
 
 def log(msg: str) -> None:
@@ -63,9 +64,8 @@ def run(cfg: DictConfig) -> list[dict]:
     seed = int(c["seed"])
     torch.manual_seed(seed)
 
+    check_config(c)  # every option a user sets, before anything is built or computed
     variants = list(c["compensation"]["variants"])
-    for v in variants:
-        parse_variant(v)
     ptq_name = c["ptq"]["name"]
     if ptq_name == "fp" and any(parse_variant(v) for v in variants):
         raise ConfigError("ptq=fp (no quantization) has nothing to compensate: use compensation=none")
@@ -76,6 +76,10 @@ def run(cfg: DictConfig) -> list[dict]:
 
     # the task builds its data first: a missing dataset fails before any download / training
     task = make_task(c, device, log)
+    check_sizes(c, task)
+    if ptq_name == "hist_w8a8" and (int(c["bits"]["w"]), int(c["bits"]["a"])) != (8, 8):
+        log(f"[qwt] note: ptq=hist_w8a8 is the method (histogram percentile, symmetric per tensor); it runs at "
+            f"bits=w{c['bits']['w']}a{c['bits']['a']} here. The paper's W8A8 setting: bits=w8a8 (or +exp=w8a8_hist).")
     fp_model = task.build_model().to(device)
     fp_adapter = task.adapter(fp_model)
     digest = task.weights_digest(fp_model)
@@ -147,8 +151,9 @@ def run(cfg: DictConfig) -> list[dict]:
             "config": c, "finished_at": now_iso(),
         }
         if dist.is_main():
-            append_row(results_path, row)
-            logger.log_row(row)
+            if not append_row(results_path, row, replace=not c["results"]["skip_finished"]):
+                log(f"[qwt] {variant}: a row with this key appeared meanwhile (the same config running elsewhere); not written twice")
+            logger.log_row(row, results_path)
         rows.append(row)
         log(f"[qwt] {variant:<12} {task.log_line(metrics)}  ({comp_s:.1f}s)")
         if memory == "lean" and not last:

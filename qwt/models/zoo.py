@@ -50,7 +50,22 @@ def build_timm(model_cfg: dict, log=print) -> nn.Module:
         if not os.path.isfile(str(ckpt)):
             raise ConfigError(f"model.checkpoint={ckpt} does not exist: give the path of a {name} weights file (.pth/.safetensors/.bin)")
         model = timm.create_model(name, pretrained=False, num_classes=model_cfg.get("num_classes", 1000))
-        timm.models.load_checkpoint(model, str(ckpt))
+        try:
+            state = timm.models.load_state_dict(str(ckpt))
+        except Exception as e:  # not a checkpoint (corrupt, truncated, another format)
+            raise ConfigError(f"model.checkpoint={ckpt} is not a readable weights file ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160]}): give a {name} checkpoint (.pth/.safetensors/.bin)") from e
+        missing, unexpected = check_state_keys(model, state)
+        if missing or unexpected:
+            raise ConfigError(f"model.checkpoint={ckpt} does not fit model.timm_name={name}: "
+                              f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected keys "
+                              f"(e.g. {unexpected[:3]}). Give the checkpoint of this architecture, or choose the model= that matches it")
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:  # shapes differ (e.g. another width or number of classes)
+            msg = [l.strip() for l in str(e).splitlines() if "size mismatch" in l][:2]
+            raise ConfigError(f"model.checkpoint={ckpt} does not fit model.timm_name={name}: {'; '.join(msg) or str(e)[:200]}. "
+                              "Give the checkpoint of this architecture (and model.num_classes)") from e
         return model
     if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "") and not hub_reachable():
         raise ConfigError(
@@ -65,6 +80,13 @@ def build_timm(model_cfg: dict, log=print) -> nn.Module:
             f"could not load pretrained weights of timm model '{name}' from the hub ({type(e).__name__}: {str(e)[:200]}). "
             f"Without network, download the weights elsewhere and set model.checkpoint=/path/to/{name}.safetensors"
         ) from e
+
+
+def check_state_keys(model: nn.Module, state: dict) -> tuple[list, list]:
+    """(missing, unexpected) keys of ``state`` for ``model`` (buffers that are not saved excluded)."""
+    want = set(model.state_dict())
+    have = set(state)
+    return sorted(want - have), sorted(have - want)
 
 
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:

@@ -73,10 +73,25 @@ class ClassificationData:
 def check_imagenet_root(root) -> None:
     if root is None or str(root) in ("", "???"):
         raise ConfigError(f"data.root is not set. Point it at an ImageNet folder: python run.py ... data.root=/path/to/imagenet; expected layout: {IMAGENET_LAYOUT}")
+    classes = {}
     for split in ("train", "val"):
         p = os.path.join(str(root), split)
         if not os.path.isdir(p):
             raise ConfigError(f"data.root={root}: missing folder '{split}/'. Expected layout: {IMAGENET_LAYOUT}. Set data.root to the folder that holds train/ and val/.")
+        entries = list(os.scandir(p))
+        dirs = sorted(e.name for e in entries if e.is_dir())
+        loose = [e.name for e in entries if e.is_file() and e.name.lower().endswith((".jpeg", ".jpg", ".png"))]
+        if not dirs:
+            what = f"{len(loose)} images lie directly in it" if loose else "it holds no class folders"
+            raise ConfigError(f"data.root={root}: '{split}/' must hold one folder per class, but {what}. "
+                              f"Expected layout: {IMAGENET_LAYOUT} (sort validation images into their class folders)")
+        classes[split] = dirs
+    if classes["train"] != classes["val"]:
+        only_t = sorted(set(classes["train"]) - set(classes["val"]))
+        only_v = sorted(set(classes["val"]) - set(classes["train"]))
+        raise ConfigError(f"data.root={root}: train/ and val/ must have the same class folders (labels are their sorted order); "
+                          f"only in train/: {only_t[:3]}{'...' if len(only_t) > 3 else ''} ({len(only_t)}), "
+                          f"only in val/: {only_v[:3]}{'...' if len(only_v) > 3 else ''} ({len(only_v)})")
 
 
 def build_data(data_cfg, model_cfg) -> ClassificationData:
