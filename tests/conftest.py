@@ -1,5 +1,4 @@
 """Shared fixtures: tiny random timm models of every family, and the embedded model config."""
-import os
 import sys
 from pathlib import Path
 

@@ -4,11 +4,9 @@ import copy
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import ROOT, make_tiny_vit
+from conftest import make_tiny_vit
 from qwt.compensation import CompContext, apply_variant, extra_params, method_settings
-from qwt.compensation import qwt_v2
 from qwt.compensation.qwt_v2 import ChannelStats, fit_layer, fold_affine, fold_all
 from qwt.engine import LayerwiseEngine
 from qwt.models import adapter_for
