@@ -34,12 +34,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODELS = {
-    "deit_t": ("deit_tiny_patch16_224", "DeiT-T"),
-    "deit_s": ("deit_small_patch16_224", "DeiT-S"),
-    "deit_b": ("deit_base_patch16_224", "DeiT-B"),
-    "swin_t": ("swin_tiny_patch4_window7_224", "Swin-T"),
+MODELS = {  # key: (timm name, label, timm kwargs)
+    "deit_t": ("deit_tiny_patch16_224", "DeiT-T", {}),
+    "deit_s": ("deit_small_patch16_224", "DeiT-S", {}),
+    "deit_b": ("deit_base_patch16_224", "DeiT-B", {}),
+    "swin_t": ("swin_tiny_patch4_window7_224", "Swin-T", {}),
 }
+
+
+def image_size(key: str) -> int:
+    return int(MODELS[key][2].get("img_size", 224))
 VARIANTS = ("fp32", "base", "qwt", "qwt_v2")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 GOALS = {"qwt_v2": 1.02, "qwt": 1.15}
@@ -55,9 +59,10 @@ def build_variants(key: str, calib_n: int, branch: str, seed: int, log=print) ->
     from qwt.ptq import apply_ptq, get_specs
 
     torch.manual_seed(seed)
-    model = disable_fused_attention(timm.create_model(MODELS[key][0], pretrained=False).eval())
+    model = disable_fused_attention(timm.create_model(MODELS[key][0], pretrained=False, **MODELS[key][2]).eval())
     g = torch.Generator().manual_seed(seed + 1)
-    xs = torch.randn(calib_n, 3, 224, 224, generator=g)
+    size = image_size(key)
+    xs = torch.randn(calib_n, 3, size, size, generator=g)
 
     def calib(n, transform, batch_size, shard=False):
         n = min(n, calib_n)
@@ -144,6 +149,8 @@ def main(argv=None):
     p.add_argument("--branch", default="fp32", choices=["fp32", "fp16"], help="QwT branch precision (CPU: fp32; "
                    "ONNX Runtime's CPU provider runs float16 MatMul through casts)")
     p.add_argument("--providers", default="cpu", help="comma-separated: cpu, cuda, tensorrt (those available are run)")
+    p.add_argument("--no-clip", action="store_true", help="export without the Clip that keeps symmetric grids at -127..127 "
+                   "(QuantizeLinear then saturates at -128: not exactly our quantizer; one float op less per quantized activation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/deploy")
     args = p.parse_args(argv)
@@ -162,17 +169,19 @@ def main(argv=None):
             print(f"[bench] provider {name}: not available in this onnxruntime ({available}); skipped")
     if not provs:
         raise SystemExit("no requested execution provider is available")
-    x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(args.seed + 2)).numpy()
     results = {pv: {} for pv in provs}
     t_all = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for key in keys:
+            size = image_size(key)
+            x = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(args.seed + 2)).numpy()
             models, info = build_variants(key, args.calib, args.branch, args.seed)
             paths, counts = {}, {}
             t0 = time.time()
             for v, m in models.items():
                 paths[v] = Path(tmp) / f"{key}_{v}.onnx"
-                c = export_onnx(m, torch.from_numpy(x[:1]).expand(args.batch, -1, -1, -1).contiguous(), paths[v], dynamic_batch=False)
+                c = export_onnx(m, torch.from_numpy(x[:1]).expand(args.batch, -1, -1, -1).contiguous(), paths[v], dynamic_batch=False,
+                                exact_range=not args.no_clip)
                 counts[v] = {"nodes": c["nodes"], "initializers": c["initializers"]}
             print(f"[bench] {key}: exported {len(paths)} graphs in {time.time() - t0:.0f}s; nodes "
                   + ", ".join(f"{v} {counts[v]['nodes']}" for v in paths))
@@ -199,7 +208,7 @@ def main(argv=None):
             r["goals"] = goals
             print(f"  {MODELS[key][1]}: " + ", ".join(f"{g} {'met' if ok else 'NOT met'}" for g, ok in goals.items()))
         doc = {"provider": pv, "batch": args.batch, "threads": args.threads, "reps": args.reps, "warmup": args.warmup,
-               "calib_images": args.calib, "branch_precision": args.branch, "onnxruntime": ort.__version__,
+               "calib_images": args.calib, "branch_precision": args.branch, "exact_range_clip": not args.no_clip, "onnxruntime": ort.__version__,
                "torch": torch.__version__, "weights": "random (timm, pretrained=False)", "ptq": "hist_w8a8 W8A8",
                "models": results[pv], "total_s": round(time.time() - t_all, 1),
                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
