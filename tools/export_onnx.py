@@ -110,7 +110,7 @@ def export_and_check(models: dict, example: torch.Tensor, out_dir: Path, evaluat
     """Export each model of ``models`` ({name: nn.Module}) to ``out_dir/<name>.onnx`` and compare
     ONNX Runtime with the model through ``evaluate(adapter_like) -> (metrics, _)`` (the task's
     evaluation; it calls ``adapter_like.model`` on each batch). Returns {name: report}."""
-    from qwt.deploy.onnx_export import export_onnx, ort_session
+    from qwt.deploy.onnx_export import export_onnx, ort_optimized_ops, ort_session
 
     report = {}
     for name, model in models.items():
@@ -120,6 +120,7 @@ def export_and_check(models: dict, example: torch.Tensor, out_dir: Path, evaluat
         counts = export_onnx(model, example, path)
         r = {"path": str(path), "nodes": counts["nodes"], "initializers": counts["initializers"], "ops": counts["ops"],
              "export_s": round(time.time() - t0, 2), "bytes": path.stat().st_size}
+        r["ort_all_ops"] = ort_optimized_ops(path)
         cache: list = []
         r["torch"] = {k: round(float(v), 4) for k, v in evaluate(_Shim(model))[0].items()}
         for mode in modes:

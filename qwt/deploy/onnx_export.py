@@ -367,6 +367,24 @@ def ort_session(path, optimization: str = "all", threads: int = 1, providers=Non
                                 disabled_optimizers=list(disabled_optimizers or []))
 
 
+def ort_optimized_ops(path, optimization: str = "all") -> dict:
+    """{op type: count} of the graph ONNX Runtime actually runs after its optimizations (shows
+    whether QDQ pairs became integer kernels such as MatMulIntegerToFloat / QLinearMatMul)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimization == "all" else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        so.log_severity_level = 3
+        so.intra_op_num_threads = 1
+        ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=list(DISABLED_OPTIMIZERS))
+        return graph_counts(so.optimized_model_filepath)["ops"]
+
+
 def ort_forward(session):
     """A torch-in, torch-out callable running ``session`` (float32 input named "input")."""
 
