@@ -154,3 +154,19 @@ def test_export_tool_writes_four_models_with_parity(tmp_path):
         assert report[v]["ort_all"]["top1_agreement"] >= 90.0
     assert tool.fold_check(report)["equal"]
     assert "| qwt_v2 |" in tool.markdown(report)
+
+
+def test_bench_latency_tool_runs_on_a_tiny_model(tmp_path):
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_latency_tool", Path(ROOT) / "tools" / "bench_latency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.MODELS["tiny"] = ("deit_tiny_patch16_224", "tiny", {"img_size": 32, "patch_size": 8, "depth": 2})
+    bench.main(["--models", "tiny", "--batch", "2", "--reps", "3", "--warmup", "1", "--calib", "2", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "latency_cpu_b2.json").read_text())
+    r = doc["models"]["tiny"]
+    assert set(r["summary"]) == {"fp32", "base", "qwt", "qwt_v2"}
+    assert r["summary"]["base"]["vs_base"] == 1.0 and all(len(v) == 3 for v in r["times_ms"].values())
+    assert r["graph_counts"]["qwt_v2"] == r["graph_counts"]["base"]  # folded: the base graph's shape
+    assert r["quantization"]["qwt_blocks"] == 2
