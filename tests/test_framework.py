@@ -198,7 +198,7 @@ def test_environment_yml_and_pyproject_agree():
     import tomllib
 
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    deps = py["dependencies"] + py["optional-dependencies"]["test"] + py["optional-dependencies"]["zoo"]
+    deps = py["dependencies"] + [d for extra in py["optional-dependencies"].values() for d in extra]
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     pip = [p for p in pip if not p.startswith("-e")]
