@@ -160,7 +160,7 @@ def train(model_cfg: dict, log=print):
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         log(f"[clip_embedded] epoch {ep + 1}/{epochs} loss {sum(losses[-steps_per_epoch:]) / steps_per_epoch:.4f} "
             f"({time.time() - t0:.0f}s)")
     clip.eval()
