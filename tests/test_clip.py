@@ -214,3 +214,73 @@ def test_embedded_run_both_modes(tmp_path):
         if g["compensation"] == "qwt":
             n_units = 4 if g["config"]["zeroshot"]["mode"] == "vision" else 7
             assert len(g["compensation_info"]["qwt"]["r2"]) == n_units
+
+
+def test_cc3m_webdataset_reader(tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from qwt.tasks.zeroshot import read_cc3m_pairs
+
+    for s in range(2):
+        with tarfile.open(tmp_path / f"cc3m-train-{s:04d}.tar", "w") as tf:
+            for k in range(5):
+                buf = io.BytesIO()
+                Image.new("RGB", (8, 8), (k, s, 0)).save(buf, format="JPEG")
+                for name, data in ((f"0{s}/{k:05d}.jpg", buf.getvalue()), (f"0{s}/{k:05d}.txt", f"caption {s} {k}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    shards = sorted(str(p) for p in tmp_path.glob("cc3m-train-*.tar"))
+    pairs = read_cc3m_pairs(shards, 7, seed=0, per_shard=4)
+    assert len(pairs) == 7 and all(c.startswith("caption ") for _, c in pairs)
+    assert len({c for _, c in pairs}) == 7
+    assert pairs == read_cc3m_pairs(shards, 7, seed=0, per_shard=4)  # seeded
+    with pytest.raises(ConfigError, match="only 10"):
+        read_cc3m_pairs(shards, 11, seed=0, per_shard=5)
+
+
+def test_real_path_through_run_py(tmp_path):
+    """The ImageNet + CC3M path end to end with a tiny open_clip model of our own config and a local
+    checkpoint (stand-ins for ViT-B/32, ImageNet val and the CC3M shards), vision_text mode."""
+    import io
+    import tarfile
+
+    import open_clip
+    from PIL import Image
+
+    cfg = {"embed_dim": 16, "quick_gelu": True,
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 8},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
+    (tmp_path / "qwt-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(tmp_path / "qwt-tiny-clip.json"))
+    torch.save(open_clip.create_model("qwt-tiny-clip").state_dict(), tmp_path / "tiny.pt")
+    for i in range(1000):  # one image per class folder
+        d = tmp_path / "imagenet" / "val" / f"n{i:08d}"
+        d.mkdir(parents=True)
+        Image.new("RGB", (40, 40), (i % 255, (7 * i) % 255, 0)).save(d / "x.JPEG")
+    (tmp_path / "cc3m").mkdir()
+    with tarfile.open(tmp_path / "cc3m" / "cc3m-train-0000.tar", "w") as tf:
+        for k in range(80):
+            buf = io.BytesIO()
+            Image.new("RGB", (48, 40), (k, 255 - k, 3 * k)).save(buf, format="JPEG")
+            for name, data in ((f"{k:05d}.jpg", buf.getvalue()), (f"{k:05d}.txt", f"a photo number {k}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    rows = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, str(ROOT / "run.py"), "+exp=clip_vt_w8a8", f"results.path={rows}", f"hydra.run.dir={tmp_path}/run",
+           f"data.root={tmp_path}/imagenet", f"data.cc3m_root={tmp_path}/cc3m", "data.per_shard=80", "data.val_subset=40",
+           f"model.open_clip_config={tmp_path}/qwt-tiny-clip.json", "model.open_clip_name=qwt-tiny-clip",
+           f"model.checkpoint={tmp_path}/tiny.pt", "zeroshot.templates=[\"a photo of a {}.\"]",
+           "ptq.num_samples=16", "ptq.batch_size=16", "compensation.variants=[none,qwt]",
+           "compensation.qwt.num_samples=32", "compensation.qwt.batch_size=16", "runtime.eval_batch_size=20"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    got = [json.loads(l) for l in rows.read_text().splitlines()]
+    assert [g["compensation"] for g in got] == ["none", "qwt"]
+    assert all(g["dataset"] == "imagenet_cc3m" and g["config"]["zeroshot"]["mode"] == "vision_text" for g in got)
+    assert len(got[1]["compensation_info"]["qwt"]["r2"]) == 4

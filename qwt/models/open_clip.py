@@ -375,16 +375,23 @@ def check_clip_weights(model_cfg: dict) -> None:
     """Fail early (before data or models are touched) when the pretrained weights are not available."""
     if model_cfg.get("source") != "open_clip":
         return
+    register_model_config(model_cfg)
     name, tag, ckpt = model_cfg["open_clip_name"], model_cfg.get("pretrained"), model_cfg.get("checkpoint")
     if ckpt:
         if not os.path.isfile(str(ckpt)):
             raise ConfigError(f"model.checkpoint={ckpt} does not exist: give the path of the {name} ({tag}) weights "
                               "(e.g. open_clip_pytorch_model.bin from the hub repo timm/vit_base_patch32_clip_224.openai)")
+        if name not in __import__("open_clip").list_models():
+            raise ConfigError(f"model.open_clip_name={name!r} is not an open_clip model (see open_clip.list_models(); "
+                              "or give your own config with model.open_clip_config=/path/<name>.json)")
         return
     if not tag:
         raise ConfigError(f"model.pretrained is not set for {name}: give a pretrained tag (e.g. openai) or model.checkpoint=/path")
     import open_clip
 
+    if name not in open_clip.list_models():
+        raise ConfigError(f"model.open_clip_name={name!r} is not an open_clip model (see open_clip.list_models(); "
+                          "or give your own config with model.open_clip_config=/path/<name>.json)")
     if tag not in open_clip.list_pretrained_tags_by_model(name):
         raise ConfigError(f"model.pretrained={tag!r} is not a pretrained tag of open_clip model {name!r} "
                           f"(tags: {open_clip.list_pretrained_tags_by_model(name)})")
@@ -394,6 +401,19 @@ def check_clip_weights(model_cfg: dict) -> None:
         raise ConfigError(f"the {name} ({tag}) weights are not in the Hugging Face cache (hub repo {hub.rstrip('/') or '?'}) "
                           "and no network is assumed: download them elsewhere and set model.checkpoint=/path/to/"
                           "open_clip_pytorch_model.bin (or fill the HF cache and set HF_HUB_OFFLINE=1)")
+
+
+def register_model_config(model_cfg: dict) -> None:
+    """``model.open_clip_config``: a model config JSON of one's own (open_clip's format), registered
+    under its file name so that ``model.open_clip_name`` can name it."""
+    path = model_cfg.get("open_clip_config")
+    if not path:
+        return
+    if not os.path.isfile(str(path)):
+        raise ConfigError(f"model.open_clip_config={path} does not exist: give an open_clip model config .json")
+    import open_clip
+
+    open_clip.add_model_config(str(path))
 
 
 def _in_hf_cache(hub: str) -> bool:

@@ -89,7 +89,9 @@ def read_cc3m_pairs(shards: list[str], n: int, seed: int, per_shard: int = 32) -
                 for m in tf.getmembers():
                     if not m.isfile():
                         continue
-                    key, _, ext = m.name.partition(".")
+                    d, base = os.path.split(m.name)
+                    stem, _, ext = base.partition(".")  # WebDataset: the key ends at the basename's first dot
+                    key = os.path.join(d, stem)
                     members.setdefault(key, {})[ext.lower()] = m
                 keys = sorted(k for k, v in members.items() if "txt" in v and any(e.lstrip(".") in v for e in IMAGE_EXT))
                 rng.shuffle(keys)
