@@ -21,6 +21,10 @@ Outputs (in --out):
     `seed` option): per method, top-1 and logit MSE as mean ± std over seeds, and the paired
     difference to the base of the same seed (mean ± std), and whether the logit MSE is below the
     base's on every seed.
+  * clip_zeroshot.md / .tex: CLIP zero-shot ImageNet (block ``clip_zeroshot`` of the reference
+    file), one line per quantization mode (vision-only, vision+text); rows with task "zeroshot",
+    dataset "imagenet_cc3m", mode from the row's config.zeroshot.mode.
+  * clip_embedded.md / .tex: the embedded CLIP zero-shot runs, per (model, ptq, bits, mode).
   * top1_vs_bits.png: top-1 vs bit-width of the embedded runs, one subplot per model, one line
     per (ptq, compensation).
 
@@ -94,6 +98,12 @@ def load_runs(path):
 def load_reference(path):
     with Path(path).open(encoding="utf-8") as f:
         return yaml.safe_load(f)["tables"]
+
+
+def load_reference_block(path, key):
+    """A top-level block of the reference file other than ``tables`` (e.g. clip_zeroshot), or None."""
+    with Path(path).open(encoding="utf-8") as f:
+        return (yaml.safe_load(f) or {}).get(key)
 
 
 # --------------------------------------------------------------------------- row helpers
@@ -240,6 +250,59 @@ def embedded_rows(rows):
     """Classification rows on the embedded benchmark (not ImageNet)."""
     return [row for row in rows if row.get("task", "classification") == "classification"
             and row.get("dataset") != "imagenet"]
+
+
+# --------------------------------------------------------------------------- CLIP zero-shot
+
+
+def zeroshot_mode(row):
+    return ((row.get("config") or {}).get("zeroshot") or {}).get("mode") or (row.get("metrics") or {}).get("mode")
+
+
+MODE_LABELS = {"vision": "vision-only", "vision_text": "vision+text"}
+
+
+def build_clip_table(spec, rows):
+    """Paper table: one line per mode; FP and every (bits, compensation) column as ours / paper / Δ."""
+    model, ptq = spec["model"], spec["ptq"]
+    mine = [row for row in rows if row.get("task") == "zeroshot" and row.get("dataset") == "imagenet_cc3m"
+            and row.get("model") == model and row.get("ptq") == ptq]
+    header = ["model", "mode", "FP ours", "FP paper", f"FP {DELTA}"]
+    for column in spec["columns"]:
+        name = column_name(column["bits"], column["compensation"])
+        header += [f"{name} ours", f"{name} paper", f"{name} {DELTA}"]
+    body = []
+    for mode in spec["modes"]:
+        of_mode = [row for row in mine if zeroshot_mode(row) == mode]
+        fp = get_metric(newest([r for r in of_mode if get_metric(r, "fp_metrics", "top1") is not None]), "fp_metrics", "top1")
+        line = [model, MODE_LABELS.get(mode, mode), fmt_value(fp), fmt_value(spec.get("fp")), fmt_delta(fp, spec.get("fp"))]
+        for column in spec["columns"]:
+            bits, comp = column["bits"], column["compensation"]
+            row = newest([r for r in of_mode if bits_label(r) == bits and r.get("compensation") == comp])
+            ours = get_metric(row, "metrics", "top1")
+            paper = ((spec.get("values") or {}).get(mode) or {}).get(cell_key(bits, comp))
+            line += [fmt_value(ours), fmt_value(paper), fmt_delta(ours, paper)]
+        body.append(line)
+    return header, body
+
+
+def build_clip_embedded_table(rows):
+    """Embedded zero-shot runs: one line per (model, ptq, bits, mode); FP top-1, then top-1 per compensation."""
+    mine = [row for row in rows if row.get("task") == "zeroshot" and row.get("dataset") != "imagenet_cc3m"]
+    comps = compensation_order({str(row.get("compensation")) for row in mine})
+    groups = {}
+    for row in mine:
+        groups.setdefault(group_key(row) + (str(zeroshot_mode(row)),), []).append(row)
+    header = ["model", "ptq", "bits", "mode", "FP top-1"] + [f"{COMP_LABELS.get(c, '+' + c)} top-1" for c in comps]
+    body = []
+    for key in sorted(groups, key=lambda k: group_sort_key(k[:3]) + (k[3],)):
+        group = groups[key]
+        fp = get_metric(newest([r for r in group if get_metric(r, "fp_metrics", "top1") is not None]), "fp_metrics", "top1")
+        line = [key[0], key[1], key[2].upper(), MODE_LABELS.get(key[3], key[3]), fmt_value(fp)]
+        for c in comps:
+            line.append(fmt_value(get_metric(newest([r for r in group if str(r.get("compensation")) == c]), "metrics", "top1")))
+        body.append(line)
+    return header, body
 
 
 def compensation_order(names):
@@ -490,6 +553,13 @@ def main(argv=None):
     for name, spec in reference.items():
         header, body = build_paper_table(spec, rows)
         written += write_table(args.out, name, spec.get("title", name), header, body)
+
+    clip = load_reference_block(args.reference, "clip_zeroshot")
+    if clip:
+        header, body = build_clip_table(clip, rows)
+        written += write_table(args.out, "clip_zeroshot", clip.get("title", "clip_zeroshot"), header, body)
+    header, body = build_clip_embedded_table(rows)
+    written += write_table(args.out, "clip_embedded", "Embedded CLIP zero-shot runs, top-1", header, body)
 
     header, body = build_embedded_table(rows)
     written += write_table(args.out, "embedded",

@@ -25,6 +25,8 @@ def disable_fused_attention(model: nn.Module) -> nn.Module:
 SOURCES = {
     "timm": "qwt.models.zoo:build_timm",
     "embedded": "qwt.models.zoo:load_embedded",
+    "open_clip": "qwt.models.open_clip:build_clip_module",
+    "open_clip_embedded": "qwt.models.open_clip:build_clip_module",
 }
 
 
