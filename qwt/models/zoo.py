@@ -28,6 +28,7 @@ def disable_fused_attention(model: nn.Module) -> nn.Module:
 SOURCES = {
     "timm": "qwt.models.zoo:build_timm",
     "embedded": "qwt.models.zoo:load_or_train_embedded",
+    "hf_llama": "qwt.models.hf_llama:build_llama",  # transformers LlamaForCausalLM: checkpoints and the embedded LLaMA
 }
 
 
