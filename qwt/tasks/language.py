@@ -216,6 +216,12 @@ class LanguageModelingTask(Task):
         self.seqlen = int(d["seqlen"])
         if self.seqlen < 2:
             raise ConfigError(f"data.seqlen={self.seqlen} must be >= 2")
+        if d["name"] == "c4_wikitext2":  # the data first: a missing dataset fails before the model is looked up
+            root = d.get("root")
+            if root in (None, "", "???"):
+                raise ConfigError(f"data.root is not set: point it at the folder with C4 and WikiText-2: {LAYOUT}")
+            if not os.path.isdir(str(root)):
+                raise ConfigError(f"data.root={root} is not a folder: {LAYOUT}")
         self.tok = load_tokenizer(cfg["model"])
         self.eval_bs = int(d.get("eval_batch_size") or cfg.get("runtime", {}).get("eval_batch_size", 8))
         qa = d.get("qa") or {}
