@@ -315,3 +315,18 @@ def test_embedded_llama_end_to_end_through_run_py(tmp_path):
         assert "qa_avg" in row["fp_metrics"]
     info = {row["compensation"]: row["compensation_info"] for row in rows}
     assert info["qwt"]["qwt"]["target"] == "global" and info["qwt@local"]["qwt@local"]["target"] == "local"
+
+
+@pytest.mark.parametrize("exp", ["llama_embedded", "llama3_8b_w4", "llama2_7b_w4"])
+def test_llama_exps_compose(exp):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        c = OmegaConf.to_container(compose(config_name="config", overrides=[f"+exp={exp}"]), resolve=True)
+    assert c["task"] == "language" and c["model"]["source"] == "hf_llama" and (c["bits"]["w"], c["bits"]["a"]) == (4, 16)
+    assert c["ptq"]["name"] == "gptq" and c["compensation"]["qwt"]["target"] == "global"
+    assert c["runtime"]["memory"] == "lean" and c["runtime"]["offload"] == "cpu"
+    assert step_settings(c["compensation"], "qwt", "local")["target"] == "local"
+    if exp != "llama_embedded":
+        assert c["data"]["seqlen"] == 2048 and c["ptq"]["num_samples"] == 128 and len(c["data"]["qa"]["tasks"]) == 8
