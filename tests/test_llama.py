@@ -330,3 +330,16 @@ def test_llama_exps_compose(exp):
     assert step_settings(c["compensation"], "qwt", "local")["target"] == "local"
     if exp != "llama_embedded":
         assert c["data"]["seqlen"] == 2048 and c["ptq"]["num_samples"] == 128 and len(c["data"]["qa"]["tasks"]) == 8
+
+
+@pytest.mark.slow
+def test_missing_qa_datasets_fail_early(monkeypatch):
+    """The 8 commonsense tasks without their datasets in the HF cache: a ConfigError at task build."""
+    from qwt.tasks.language import LanguageModelingTask
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = LanguageModelingTask.__new__(LanguageModelingTask)
+    t.qa_include, t.qa_defaults, t.qa_tasks = None, True, ["piqa"]
+    with pytest.raises(ConfigError, match="data.qa.tasks"):
+        t._check_qa()
