@@ -230,10 +230,11 @@ def test_mc_items_are_well_formed():
     from qwt.tasks.language import make_mc_items
 
     docs = corpus()["valid"]
-    items = make_mc_items(docs, 50, 24, 6)
-    assert items == make_mc_items(docs, 50, 24, 6) and len(items) == 50
+    items = make_mc_items(docs, 50, 16, 8)
+    assert items == make_mc_items(docs, 50, 16, 8) and len(items) == 50
     for it in items:
         assert len(it["choices"]) == 4 == len(set(it["choices"])) and 0 <= it["label"] < 4
+        assert sorted(it["choices"][0].split()) == sorted(it["choices"][1].split())  # shuffled distractors
         # the gold choice continues the context in some held-out document
         assert any(it["context"] + " " + it["choices"][it["label"]] in " ".join(d.split()) for d in docs)
 
@@ -249,7 +250,7 @@ def test_lm_eval_local_task_runs(embedded, tmp_path):
     from qwt.tasks.language import make_mc_items, write_mc_task
 
     model, tok = embedded
-    folder = write_mc_task(tmp_path / "tasks", make_mc_items(corpus()["valid"], 12, 24, 6))
+    folder = write_mc_task(tmp_path / "tasks", make_mc_items(corpus()["valid"], 12, 16, 8))
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     res = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=16, max_length=256), tasks=["pydoc_mc"],
                           task_manager=TaskManager(include_path=str(folder), include_defaults=False), num_fewshot=0,

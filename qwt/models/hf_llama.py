@@ -152,7 +152,7 @@ def train(model_cfg: dict, log=print):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             log(f"step {step} loss {sum(losses[-50:]) / len(losses[-50:]):.3f} ({time.time() - t0:.0f}s)")
     model.eval()

@@ -5,7 +5,8 @@ Data (``data.name``):
                 calibration = random ``seqlen`` windows of the training split's token stream
                 (seed 0), perplexity on the held-out split (joined with "\\n\\n", non-overlapping
                 windows), QA = ``pydoc_mc``, a 4-way multiple-choice task generated from held-out
-                text (pick the true continuation), run through the real lm-eval harness offline.
+                text (pick the true continuation among shuffled orders of its words), run through
+                the real lm-eval harness offline.
   c4_wikitext2  the paper's protocol, from local files under ``data.root`` (or the datasets cache):
                 calibration = 128 random ``seqlen`` windows of C4 train documents longer than
                 seqlen (the GPTQ sampler, seed 0); perplexity on WikiText-2 test (joined with
@@ -22,6 +23,7 @@ metric the average uses (``data.qa.metric``) and the average.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -101,22 +103,35 @@ def perplexity(forward, windows: torch.Tensor, batch_size: int, device, desc: st
 # the embedded multiple-choice task (lm-eval local task format)
 
 
-def make_mc_items(docs: list[str], n_items: int, ctx_words: int, cont_words: int, seed: int = 0) -> list[dict]:
-    """4-way items from held-out documents: the context is ``ctx_words`` words of a document, the
-    true continuation its next ``cont_words`` words, the three distractors ``cont_words``-word spans
-    of other documents at random offsets. Deterministic (``seed``)."""
+def make_mc_items(docs: list[str], n_items: int, ctx_words: int, cont_words: int, seed: int = 0,
+                  distractors: str = "shuffled") -> list[dict]:
+    """4-way items from held-out documents: every document is cut into consecutive spans of
+    ``ctx_words + cont_words`` words; an item's context is a span's first ``ctx_words`` words, the
+    true continuation its next ``cont_words`` words. Distractors: "shuffled" = three distinct
+    random orders of the continuation's own words (same words, same length: word order decides);
+    "other" = ``cont_words``-word spans of other documents at random offsets (topic decides).
+    ``n_items`` spans drawn at random; deterministic (``seed``)."""
     rng = random.Random(seed)
     words = [d.split() for d in docs]
-    ok = [i for i, w in enumerate(words) if len(w) >= ctx_words + cont_words]
+    span = ctx_words + cont_words
+    spans = [(i, s) for i, w in enumerate(words) for s in range(0, len(w) - span + 1, span)]
     pool = [i for i, w in enumerate(words) if len(w) >= cont_words]
-    rng.shuffle(ok)
+    rng.shuffle(spans)
     items = []
-    for i in ok[:n_items]:
+    for i, start in spans[:n_items]:
         w = words[i]
-        start = rng.randint(0, len(w) - ctx_words - cont_words)
         ctx = " ".join(w[start:start + ctx_words])
-        true = " ".join(w[start + ctx_words:start + ctx_words + cont_words])
+        true = " ".join(w[start + ctx_words:start + span])
         choices = [true]
+        tries = 0
+        while distractors == "shuffled" and len(choices) < 4 and tries < 100:
+            tries += 1
+            perm = w[start + ctx_words:start + span]
+            perm = rng.sample(perm, len(perm))
+            if " ".join(perm) not in choices:
+                choices.append(" ".join(perm))
+        if len(choices) < 4 and distractors == "shuffled":
+            continue  # too few distinct words to shuffle
         while len(choices) < 4:
             j = rng.choice(pool)
             if j == i:
@@ -268,8 +283,10 @@ class LanguageModelingTask(Task):
             if self.qa_tasks != ["pydoc_mc"]:
                 raise ConfigError(f"data.qa.tasks={self.qa_tasks}: the embedded data has the local task pydoc_mc only")
             mc = d.get("mc") or {}
-            items = make_mc_items(c["valid"], int(mc.get("items", 500)), int(mc.get("ctx_words", 24)), int(mc.get("cont_words", 6)))
-            cache = Path(os.path.expanduser(str(d.get("cache_dir") or "~/.cache/qwt"))) / "lm_eval_tasks" / f"pydoc_mc-{c['sha256'][:10]}"
+            items = make_mc_items(c["valid"], int(mc.get("items", 500)), int(mc.get("ctx_words", 16)), int(mc.get("cont_words", 8)),
+                                  distractors=str(mc.get("distractors", "shuffled")))
+            tag = hashlib.sha256(json.dumps([c["sha256"], mc], sort_keys=True).encode()).hexdigest()[:10]
+            cache = Path(os.path.expanduser(str(d.get("cache_dir") or "~/.cache/qwt"))) / "lm_eval_tasks" / f"pydoc_mc-{tag}"
             self.qa_include = str(write_mc_task(cache, items))
             self.qa_defaults = False
 
