@@ -261,7 +261,9 @@ class LanguageModelingTask(Task):
 
     # -- data ------------------------------------------------------------------------------
     def _ids(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        # the tokenizer's own special tokens, as GPTQ's data code (LLaMA: a BOS at the start of the
+        # WikiText-2 stream and of every C4 document); the embedded tokenizer adds none
+        return self.tok(text)["input_ids"]
 
     def _build_pydocs(self, d):
         from ..data.pydocs import corpus, join
