@@ -45,7 +45,7 @@ def _positive(c: dict, path: str):
 
 def check_config(c: dict) -> None:
     """Static checks: types and ranges, before any data or model is touched."""
-    from .compensation import parse_variant
+    from .compensation import parse_steps, parse_variant, step_settings
 
     comp = c.get("compensation") or {}
     if "variants" not in comp:
@@ -62,7 +62,10 @@ def check_config(c: dict) -> None:
     for v in variants:
         if not isinstance(v, str):
             raise ConfigError(f"compensation.variants entry {v!r} must be a string such as none, qwt or qft+qwt_v2")
-        steps = tuple(parse_variant(v))
+        steps = tuple(parse_steps(v))
+        for m, prof in steps:
+            if prof is not None and m in comp:
+                step_settings(comp, m, prof)  # the profile must exist
         if steps in seen:
             raise ConfigError(f"compensation.variants={variants} lists {v!r} twice: each variant once")
         seen.add(steps)

@@ -45,6 +45,8 @@ def test_exp_files_cover_every_imagenet_row_group():
 def test_every_exp_composes(exp):
     cfg = compose_cfg([f"+exp={exp}"])
     c = OmegaConf.to_container(cfg, resolve=True)
+    if c["task"] != "classification":  # other families test their own exp files
+        return
     assert c["exp_name"] == exp and c["data"]["name"] == "imagenet" and c["model"]["source"] == "timm"
     bits = "w8a8" if exp == "w8a8_hist" else exp.rsplit("_", 1)[-1]
     assert f"w{c['bits']['w']}a{c['bits']['a']}" == bits

@@ -407,6 +407,83 @@ def build_seed_table(rows, min_seeds=2):
     return header, body
 
 
+# --------------------------------------------------------------------------- LLaMA (task=language)
+
+LLAMA_LABELS = {"none": "base", "qwt": "+QwT (global)", "qwt@local": "+QwT (local)", "qwt_v2": "+QwT-v2", "qft": "+QFT"}
+
+
+def fmt2(value):
+    return MISSING if value is None else f"{value:.2f}"
+
+
+def fmt_delta2(ours, paper):
+    return MISSING if ours is None or paper is None else f"{ours - paper:+.2f}"
+
+
+def language_rows(rows, dataset=None):
+    return [row for row in rows if row.get("task") == "language" and (dataset is None or row.get("dataset") == dataset)]
+
+
+def load_language_reference(path):
+    with Path(path).open(encoding="utf-8") as f:
+        return yaml.safe_load(f).get("language_tables", {}) or {}
+
+
+def build_llama_table(spec, rows):
+    """Paper LLaMA table: one line per (model, ptq, compensation); per metric ours / paper / delta.
+    A row fills a line when task == language, dataset, model, ptq, bits and compensation match
+    (newest wins); the FP line is fp_metrics of the newest matching model's row."""
+    metrics = spec["metrics"]  # [{key, label}]
+    header = ["model", "method"]
+    for m in metrics:
+        header += [f"{m['label']} ours", f"{m['label']} paper", DELTA]
+    body = []
+    mine = [r for r in language_rows(rows, spec.get("dataset")) if bits_label(r) == spec["bits"]]
+    for model in spec["models"]:
+        ref = (spec.get("values") or {}).get(model, {})
+        of_model = [r for r in mine if r.get("model") == model]
+        fp_row = newest(of_model)
+        line = [model, "FP"]
+        for m in metrics:
+            ours = get_metric(fp_row, "fp_metrics", m["key"]) if fp_row else None
+            paper = (spec.get("fp") or {}).get(model, {}).get(m["key"])
+            line += [fmt2(ours), fmt2(paper), fmt_delta2(ours, paper)]
+        body.append(line)
+        for col in spec["columns"]:
+            ptq, comp = col["ptq"], col["compensation"]
+            row = newest([r for r in of_model if r.get("ptq") == ptq and str(r.get("compensation")) == comp])
+            line = [model, f"{ptq.upper()} {LLAMA_LABELS.get(comp, '+' + comp)}"]
+            for m in metrics:
+                ours = get_metric(row, "metrics", m["key"]) if row else None
+                paper = ref.get(f"{ptq}/{comp}/{m['key']}")
+                line += [fmt2(ours), fmt2(paper), fmt_delta2(ours, paper)]
+            body.append(line)
+    return header, body
+
+
+def build_llama_embedded_table(rows):
+    """Every language row of the embedded data (not c4_wikitext2): one line per (model, ptq,
+    compensation), newest wins; perplexity, agreement with FP's next-token predictions, QA."""
+    rows = [r for r in language_rows(rows) if r.get("dataset") != "c4_wikitext2"]
+    keys = sorted({(str(r.get("model")), str(r.get("ptq")), bits_label(r) or "?") for r in rows})
+    header = ["model", "bits", "method", "ppl (held-out)", "agree %", "QA avg", "extra params", "peak MB"]
+    body = []
+    for model, ptq, bits in keys:
+        group = [r for r in rows if (str(r.get("model")), str(r.get("ptq")), bits_label(r) or "?") == (model, ptq, bits)]
+        fp = newest(group)
+        headline = fp.get("headline") if fp else None
+        if not body or body[-1][0] != model:
+            body.append([model, "FP", "FP", fmt2(get_metric(fp, "fp_metrics", headline)), "",
+                         fmt_value(get_metric(fp, "fp_metrics", "qa_avg")), "0", ""])
+        for comp in compensation_order({str(r.get("compensation")) for r in group}):
+            r = newest([x for x in group if str(x.get("compensation")) == comp])
+            body.append([model, bits.upper(), f"{ptq.upper()} {LLAMA_LABELS.get(comp, '+' + comp)}",
+                         fmt2(get_metric(r, "metrics", headline)),
+                         fmt_value(get_metric(r, "metrics", "agree")), fmt_value(get_metric(r, "metrics", "qa_avg")),
+                         f"{int(r.get('extra_params') or 0):,d}", fmt_value(r.get("peak_mem_mb"))])
+    return header, body
+
+
 # --------------------------------------------------------------------------- writers
 
 
@@ -560,6 +637,12 @@ def main(argv=None):
         written += write_table(args.out, "clip_zeroshot", clip.get("title", "clip_zeroshot"), header, body)
     header, body = build_clip_embedded_table(rows)
     written += write_table(args.out, "clip_embedded", "Embedded CLIP zero-shot runs, top-1", header, body)
+    for name, spec in load_language_reference(args.reference).items():
+        header, body = build_llama_table(spec, rows)
+        written += write_table(args.out, name, spec.get("title", name), header, body)
+    header, body = build_llama_embedded_table(rows)
+    written += write_table(args.out, "llama_embedded", "Embedded LLaMA (docstrings): held-out perplexity, "
+                           "agreement with FP, pydoc_mc QA", header, body)
 
     header, body = build_embedded_table(rows)
     written += write_table(args.out, "embedded",

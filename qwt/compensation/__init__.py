@@ -13,16 +13,40 @@ from .base import CompContext, extra_params, model_size_mb
 METHODS = ("qwt", "qwt_star", "qwt_v2", "qft")
 
 
-def parse_variant(variant: str) -> list[str]:
+def parse_steps(variant: str) -> list[tuple[str, str | None]]:
+    """(method, settings profile) per step. A step ``method@profile`` runs ``method`` with its
+    settings overlaid by ``compensation.<method>.profiles.<profile>`` (e.g. ``qwt@local``: QwT with
+    the local target beside ``qwt`` with the default one, in one run)."""
     steps = [s.strip() for s in str(variant).split("+") if s.strip()]
     if not steps:
         raise ConfigError("empty compensation variant: use 'none' for the base model")
     if steps == ["none"]:
         return []
+    out = []
     for s in steps:
-        if s not in METHODS:
-            raise ConfigError(f"unknown compensation {s!r} in variant {variant!r}: compensation.variants entries are 'none' or methods {METHODS} joined by '+' (e.g. qft+qwt_v2)")
-    return steps
+        m, _, prof = s.partition("@")
+        if m not in METHODS:
+            raise ConfigError(f"unknown compensation {s!r} in variant {variant!r}: compensation.variants entries are 'none' or methods {METHODS} joined by '+' (e.g. qft+qwt_v2; method@profile for a settings profile)")
+        out.append((m, prof or None))
+    return out
+
+
+def parse_variant(variant: str) -> list[str]:
+    """The methods of ``variant`` in order (profiles stripped)."""
+    return [m for m, _ in parse_steps(variant)]
+
+
+def step_settings(settings: dict, method: str, profile: str | None) -> dict:
+    """``settings[method]`` with the profile's overrides (``settings[method]['profiles'][profile]``)."""
+    base = dict(settings[method])
+    profiles = base.pop("profiles", None) or {}
+    if profile is None:
+        return base
+    if profile not in profiles:
+        raise ConfigError(f"compensation variant step {method}@{profile}: compensation.{method}.profiles has no {profile!r} "
+                          f"(defined: {sorted(profiles) or 'none'})")
+    base.update(profiles[profile])
+    return base
 
 
 def get_method(name: str):
@@ -32,8 +56,9 @@ def get_method(name: str):
 def apply_variant(ctx: CompContext, variant: str, settings: dict) -> dict:
     """Apply each step of ``variant`` with its settings (``settings[method]``); returns info per step."""
     info = {}
-    for step in parse_variant(variant):
-        info[step] = get_method(step).apply(ctx, dict(settings[step]))
+    for method, profile in parse_steps(variant):
+        key = method if profile is None else f"{method}@{profile}"
+        info[key] = get_method(method).apply(ctx, step_settings(settings, method, profile))
     return info
 
 

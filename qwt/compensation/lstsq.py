@@ -132,4 +132,72 @@ class ReferenceInverseSolve:
         return self._r2
 
 
-SOLVERS = {"cholesky": StreamingLeastSquares, "inverse": ReferenceInverseSolve}
+class NoInterceptLeastSquares(StreamingLeastSquares):
+    """The QwT LLaMA reference's equation with streamed float64 statistics: W from the regression
+    *without* an intercept column, min ||R - X W||^2 (Cholesky of X^T X + lambda I, relative ridge
+    as above), then b = mean(R - X W). The statistics are those of the augmented rows, so
+    b = (1^T R - 1^T X W) / n and R^2 are exact."""
+
+    @torch.no_grad()
+    def solve(self, ridge: float = 1e-6, max_tries: int = 12):
+        d = self.d_in
+        G, C = self.G[:, :d, :d], self.C[:, :d, :]
+        eye = torch.eye(d, dtype=torch.float64, device=G.device)
+        scale = G.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)[:, None, None]
+        lam = float(ridge)
+        for _ in range(max_tries):
+            L, info = torch.linalg.cholesky_ex(G + lam * scale * eye)
+            if int(info.max()) == 0:
+                W = torch.cholesky_solve(C, L)
+                if torch.isfinite(W).all():
+                    self.ridge_used = lam
+                    xsum = self.G[:, d, :d]  # 1^T X
+                    b = (self.C[:, d, :] - (xsum[:, None, :] @ W)[:, 0, :]) / max(1, self.n)
+                    return W, b
+            lam = max(lam * 10, 1e-12)
+        raise RuntimeError("least-squares solve failed even with a large ridge; the calibration features are degenerate")
+
+
+class ReferenceLstsqSolve:
+    """The QwT LLaMA reference exactly (``qwerty_llama.py``): every row kept in float32 on the CPU,
+    W = torch.linalg.lstsq(X, R) (CPU default driver gelsy: rank truncated at rcond = eps x rows)
+    without an intercept column, b = mean(R - X W); one pooled R^2 from the predictions,
+    1 - sum((R - X W - b)^2) / sum((R - mean R)^2). ``ridge`` is ignored (the reference has none)."""
+
+    def __init__(self, d_in: int, d_out: int, groups: int = 1, device=None, **_):
+        if groups != 1:
+            raise ValueError("the lstsq solver fits token rows (one group)")
+        self.d_in, self.d_out, self.device = d_in, d_out, device
+        self.X: list = []
+        self.R: list = []
+        self.ridge_used = 0.0
+
+    @torch.no_grad()
+    def update(self, X: torch.Tensor, R: torch.Tensor) -> None:
+        if X.dim() == 3:
+            X, R = X[0], R[0]
+        self.X.append(X.float().cpu())
+        self.R.append(R.float().cpu())
+
+    def all_reduce(self) -> None:
+        self.X, self.R = [torch.cat(self.X)], [torch.cat(self.R)]
+        if dist.world() > 1:
+            self.X, self.R = [dist.all_gather_rows(self.X[0], dim=0)], [dist.all_gather_rows(self.R[0], dim=0)]
+
+    @torch.no_grad()
+    def solve(self, ridge: float = 0.0):
+        X, R = self.X[0], self.R[0]
+        W = torch.linalg.lstsq(X, R).solution
+        b = (R - X @ W).mean(dim=0)
+        res = float((R - X @ W - b).pow(2).sum())
+        tot = float((R - R.mean(dim=0)).pow(2).sum())
+        self._r2 = 1 - res / tot if tot > 0 else float("nan")
+        dev = self.device if self.device is not None else "cpu"
+        return W[None].double().to(dev), b[None].double().to(dev)
+
+    def r2(self, W, b) -> float:
+        return self._r2
+
+
+SOLVERS = {"cholesky": StreamingLeastSquares, "inverse": ReferenceInverseSolve,
+           "nointercept": NoInterceptLeastSquares, "lstsq": ReferenceLstsqSolve}

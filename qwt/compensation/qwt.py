@@ -10,7 +10,9 @@ activations); Y_Q is block k's quantized output on X. The target Y_FP (``target`
           error accumulated upstream (the reference LLaMA code).
 W, b minimise ||(Y_FP - Y_Q) - X W - b||^2 (every token / pixel a row), ``solver``: "cholesky"
 (ours: streamed float64 statistics, relative ridge) or "inverse" (the reference code: every row
-kept in float32, W = inverse(X1^T X1) X1^T Y, R^2 from the fitted predictions; see ``lstsq.py``).
+kept in float32, W = inverse(X1^T X1) X1^T Y, R^2 from the fitted predictions; see ``lstsq.py``),
+"lstsq" (the LLaMA reference: torch.linalg.lstsq on float32 rows *without* an intercept column,
+b = mean residual) or "nointercept" (that equation from streamed float64 statistics).
 R^2 gate: a block whose fit has R^2 <= 0 (or NaN, when the float32 inverse fails) gets no branch.
 ``start_block`` leaves earlier blocks alone. The branch sees only the block's main input; keyword
 state (masks, position embeddings, conditioning) passes through to the block unchanged.

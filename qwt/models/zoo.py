@@ -27,6 +27,7 @@ SOURCES = {
     "embedded": "qwt.models.zoo:load_embedded",
     "open_clip": "qwt.models.open_clip:build_clip_module",
     "open_clip_embedded": "qwt.models.open_clip:build_clip_module",
+    "hf_llama": "qwt.models.hf_llama:build_llama",  # transformers LlamaForCausalLM: checkpoints and the embedded LLaMA
 }
 
 

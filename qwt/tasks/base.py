@@ -20,6 +20,7 @@ from ..models.base import ModelAdapter, adapter_for
 TASKS = {
     "classification": "qwt.tasks.classification:ClassificationTask",
     "zeroshot": "qwt.tasks.zeroshot:ZeroShotTask",
+    "language": "qwt.tasks.language:LanguageModelingTask",
 }
 
 
