@@ -28,6 +28,8 @@ def disable_fused_attention(model: nn.Module) -> nn.Module:
 SOURCES = {
     "timm": "qwt.models.zoo:build_timm",
     "embedded": "qwt.models.zoo:load_or_train_embedded",
+    "mmdet": "qwt.models.mmdet_zoo:build_mmdet",
+    "mmdet_embedded": "qwt.models.mmdet_zoo:build_mmdet_embedded",
 }
 
 
