@@ -18,7 +18,7 @@ WHL=$(find_wheel || true)
 if [ -z "$WHL" ]; then
   mkdir -p "$DIR"
   # build requirements without isolation (the build must see the venv's torch)
-  "$PYBIN" -m pip install -q "wheel>=0.40" "ninja>=1.11" "setuptools>=65,<76"
+  "$PYBIN" -m pip install -q "wheel>=0.40" "ninja>=1.11" "setuptools>=65,<70"
   echo "[build_mmcv] building mmcv ${MMCV_VERSION} ops against torch ${TORCH_V} (${PY_V}, ${FLAVOR}); once per machine, ~8-15 min on 2 cores" >&2
   T0=$(date +%s)
   TMP=$(mktemp -d "$DIR/.build.XXXXXX")
