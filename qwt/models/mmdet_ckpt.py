@@ -49,10 +49,15 @@ def checkpoint_safe_globals() -> list:
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
         out += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType") and isinstance(getattr(dtypes, n), type)]
+    # numpy scalars carry their raw bytes
+    out.append(bytes)
     try:
         from mmengine.logging.history_buffer import HistoryBuffer
 
-        out.append(HistoryBuffer)
+        # a HistoryBuffer pickles its statistics-method table as getattr(HistoryBuffer, "mean"), ...;
+        # the restricted unpickler still calls (REDUCE) nothing but allow-listed callables, so
+        # getattr only looks attributes up, it cannot make anything else callable
+        out += [HistoryBuffer, getattr]
     except ImportError:  # pragma: no cover - mmengine is the family's dependency
         pass
     return out
