@@ -33,7 +33,14 @@ def config_path(name: str) -> str:
         if not p.is_file():
             raise ConfigError(f"model.mmdet_config={name}: no such file {p} (files: {sorted(x.name for x in CONFIG_DIR.glob('*.py'))})")
         return str(p)
-    return name  # mmdet::... (resolved by mmengine inside the mmdet package) or a path
+    if name.startswith("mmdet::"):  # a config shipped inside the mmdet package (mmdet/.mim/configs/)
+        import mmdet
+
+        p = Path(mmdet.__file__).resolve().parent / ".mim" / "configs" / name[len("mmdet::"):]
+        if not p.is_file():
+            raise ConfigError(f"model.mmdet_config={name}: mmdet {mmdet.__version__} ships no such config ({p})")
+        return str(p)
+    return name  # a path
 
 
 def load_config(model_cfg: dict):

@@ -197,8 +197,12 @@ class DetectionTask(Task):
 
         from mmengine.logging import MMLogger
 
+        import contextlib
+        import io
+
         MMLogger.get_current_instance().setLevel(logging.WARNING)
-        res = metric.evaluate(len(self.val_idx))
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its summary tables
+            res = metric.evaluate(len(self.val_idx))
         metrics = {}
         for kind in ("bbox", "segm"):
             for k in METRIC_KEYS:
