@@ -22,7 +22,7 @@ fi
 # ~/.cache/qwt/wheels/mmcv-2.1.0_torch-<torch>_cp<py>_<cpu|cuda>/ (first time ~10-15 min on 2 cores;
 # FORCE_CUDA=1 builds the CUDA ops on a machine with nvcc). A stamp makes re-runs instant.
 DET_STAMP="$VENV/.qwt-det-installed"
-DET_KEY="mmcv-2.1.0 mmdet-3.3.0 mmengine-0.10.7 $("$VENV/bin/python" -c "import torch,sys; print(torch.__version__, sys.version_info[:2])") cuda=${FORCE_CUDA:-0}"
+DET_KEY="mmcv-2.1.0 mmdet-3.3.0 mmengine-0.10.7 $("$VENV/bin/python" -c "import importlib.util as u, os, sys; g = {}; exec(open(os.path.join(os.path.dirname(u.find_spec('torch').origin), 'version.py')).read(), g); print(g['__version__'], sys.version_info[:2])") cuda=${FORCE_CUDA:-0}"
 if [ "${QWT_SKIP_DET:-0}" != "1" ] && { [ ! -f "$DET_STAMP" ] || [ "$(cat "$DET_STAMP")" != "$DET_KEY" ]; }; then
   T0=$(date +%s)
   WHL=$(scripts/build_mmcv.sh "$VENV/bin/python" | tail -1)

@@ -8,8 +8,8 @@
 set -euo pipefail
 PYBIN=${1:?usage: build_mmcv.sh <venv python>}
 MMCV_VERSION=2.1.0
-TORCH_V=$("$PYBIN" -c "import torch; print(torch.__version__)")
-PY_V=$("$PYBIN" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")
+# torch.__version__ (with its local part: +cu128 / +cpu builds differ in ABI), read without importing torch
+read -r TORCH_V PY_V < <("$PYBIN" -c "import importlib.util as u, os, sys; g = {}; exec(open(os.path.join(os.path.dirname(u.find_spec('torch').origin), 'version.py')).read(), g); print(g['__version__'], f'cp{sys.version_info[0]}{sys.version_info[1]}')")
 if [ "${FORCE_CUDA:-0}" = "1" ]; then FLAVOR=cuda; else FLAVOR=cpu; fi
 CACHE=${QWT_WHEEL_CACHE:-$HOME/.cache/qwt/wheels}
 DIR="$CACHE/mmcv-${MMCV_VERSION}_torch-${TORCH_V}_${PY_V}_${FLAVOR}"
