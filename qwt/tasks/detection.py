@@ -92,8 +92,9 @@ class DetectionTask(Task):
 
     name = "detection"
     headline = "bbox_mAP"
-    table_columns = tuple([(f"bbox_{k}", f"box {k.replace('mAP', 'AP').replace('_', '')}", "{:.1f}") for k in METRIC_KEYS]
-                          + [(f"segm_{k}", f"mask {k.replace('mAP', 'AP').replace('_', '')}", "{:.1f}") for k in METRIC_KEYS])
+    # printed columns (rows record AP, AP50, AP75, APs, APm, APl for boxes and masks)
+    table_columns = tuple([(f"bbox_{k}", f"box {k.replace('mAP', 'AP').replace('_', '')}", "{:.1f}") for k in METRIC_KEYS[:3]]
+                          + [(f"segm_{k}", f"mask {k.replace('mAP', 'AP').replace('_', '')}", "{:.1f}") for k in METRIC_KEYS[:3]])
 
     def __init__(self, cfg, device, log=print):
         super().__init__(cfg, device, log)
