@@ -174,7 +174,10 @@ def test_missing_runs_file(tmp_path, capsys):
 
 def test_reference_numbers():
     tables = yaml.safe_load(REFERENCE_PATH.read_text(encoding="utf-8"))["tables"]
-    assert set(tables) == {"repq_vit_qwt", "qwt_star", "resnet_percentile", "w8a8_hist"}
+    assert {"repq_vit_qwt", "qwt_star", "resnet_percentile", "w8a8_hist"} <= set(tables)
+    coco = tables["coco_qwt"]
+    assert coco["task"] == "detection" and coco["fp"]["cascade_mask_rcnn_swin_b"] == [51.9, 45.0]
+    assert coco["values"]["mask_rcnn_swin_s"]["w4a4/qwt"] == [43.1, 40.4]
     repq = tables["repq_vit_qwt"]
     assert repq["values"]["swin_s"]["w6a6/qwt"] == 82.9
     assert repq["values"]["deit_t"]["w4a4/qwt"] == 61.4
