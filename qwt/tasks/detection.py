@@ -167,6 +167,24 @@ class DetectionTask(Task):
             out.append(self._batch([ds[i] for i in idx[s: s + int(batch_size)]])[0])
         return out
 
+    # -- QwT* (distillation on backbone features only) -----------------------------------
+    def supervised_loss(self, out, target):
+        """QwT* on detection trains the branches by the feature distillation term alone (the issue's
+        reading: "QwT* with a distillation loss on backbone features"); no detection loss."""
+        return torch.zeros((), device=self.device)
+
+    def train_batches(self, batch_size):
+        """One epoch over train2017 (or its first ``data.train_subset`` images of a seeded shuffle),
+        calibration pipeline (224x224 by default); targets are unused (``None``)."""
+        ds = self.train_set()
+        g = torch.Generator().manual_seed(self.seed)
+        idx = torch.randperm(len(ds), generator=g).tolist()
+        n = self.dcfg.get("train_subset")
+        if n is not None:
+            idx = idx[: int(n)]
+        for s in range(0, len(idx), int(batch_size)):
+            yield self._batch([ds[i] for i in idx[s: s + int(batch_size)]])[0], None
+
     # -- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, adapter, reference=None, desc="eval"):
