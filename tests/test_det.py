@@ -221,19 +221,20 @@ def test_missing_coco_root_and_checkpoint_are_clear_errors(tmp_path):
 
 
 def test_embedded_run_through_run_py(tmp_path):
-    """base, QwT, QwT-v2 and QFT rows with box and mask AP (a few val images, small calibration sets)."""
+    """base, QwT, QwT-v2, QFT (and QwT*) rows with box and mask AP (a few val images, small calibration sets)."""
     res = tmp_path / "runs.jsonl"
     cmd = [sys.executable, str(ROOT / "run.py"), "+exp=det_embedded", f"results.path={res}",
            f"hydra.run.dir={tmp_path}/run", "data.val_subset=8", "runtime.threads=1",
            "compensation.qwt.num_samples=8", "compensation.qwt.batch_size=4",
            "compensation.qwt_v2.num_samples=4", "compensation.qwt_v2.batch_size=4",
            "compensation.qft.num_samples=8", "compensation.qft.batch_size=4", "compensation.qft.epochs=1",
-           "compensation.qft.eval_loss=false"]
+           "compensation.qft.eval_loss=false", "compensation.variants=[none,qwt,qwt_v2,qft,qwt_star]",
+           "data.train_subset=8", "compensation.qwt_star.batch_size=4"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [json.loads(line) for line in res.read_text().splitlines()]
-    assert [row["compensation"] for row in rows] == ["none", "qwt", "qwt_v2", "qft"]
+    assert [row["compensation"] for row in rows] == ["none", "qwt", "qwt_v2", "qft", "qwt_star"]
     for row in rows:
         m = row["metrics"]
         assert row["task"] == "detection" and m["num_images"] == 8
@@ -244,3 +245,4 @@ def test_embedded_run_through_run_py(tmp_path):
     qwt_row = rows[1]
     assert qwt_row["compensation_info"]["qwt"]["blocks_compensated"] >= 1
     assert qwt_row["extra_params"] > 0 and rows[2]["extra_params"] == 0
+    assert rows[4]["compensation_info"]["qwt_star"]["steps"] == 2  # 8 train images, batches of 4
