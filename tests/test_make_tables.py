@@ -174,7 +174,10 @@ def test_missing_runs_file(tmp_path, capsys):
 
 def test_reference_numbers():
     tables = yaml.safe_load(REFERENCE_PATH.read_text(encoding="utf-8"))["tables"]
-    assert set(tables) == {"repq_vit_qwt", "qwt_star", "resnet_percentile", "w8a8_hist"}
+    assert {"repq_vit_qwt", "qwt_star", "resnet_percentile", "w8a8_hist"} <= set(tables)
+    coco = tables["coco_qwt"]
+    assert coco["task"] == "detection" and coco["fp"]["cascade_mask_rcnn_swin_b"] == [51.9, 45.0]
+    assert coco["values"]["mask_rcnn_swin_s"]["w4a4/qwt"] == [43.1, 40.4]
     repq = tables["repq_vit_qwt"]
     assert repq["values"]["swin_s"]["w6a6/qwt"] == 82.9
     assert repq["values"]["deit_t"]["w4a4/qwt"] == 61.4
@@ -194,8 +197,10 @@ def test_reference_numbers():
         keys = {f"{c['bits']}/{c['compensation']}" for c in table["columns"]}
         for model in table["models"]:
             assert set(table["values"][model]) == keys
-            assert all(isinstance(v, float) for v in table["values"][model].values())
-            assert isinstance(table["fp"][model], float)
+            cell = (lambda v: isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) for x in v)) \
+                if table.get("task") == "detection" else (lambda v: isinstance(v, float))  # COCO: [box, mask]
+            assert all(cell(v) for v in table["values"][model].values())
+            assert cell(table["fp"][model])
 
 
 def test_seed_table_reports_mean_std_and_paired_differences():

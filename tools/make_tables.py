@@ -25,6 +25,9 @@ Outputs (in --out):
     file), one line per quantization mode (vision-only, vision+text); rows with task "zeroshot",
     dataset "imagenet_cc3m", mode from the row's config.zeroshot.mode.
   * clip_embedded.md / .tex: the embedded CLIP zero-shot runs, per (model, ptq, bits, mode).
+  * COCO tables (``task: detection`` in the reference file): AP box / AP mask of each cell, ours
+    and the paper's, and the box-AP difference; rows with task == "detection", dataset == "coco".
+  * embedded_detection.md / .tex: the embedded detection runs, AP box / AP mask per compensation.
   * top1_vs_bits.png: top-1 vs bit-width of the embedded runs, one subplot per model, one line
     per (ptq, compensation).
 
@@ -484,6 +487,68 @@ def build_llama_embedded_table(rows):
     return header, body
 
 
+# --------------------------------------------------------------------------- COCO detection
+
+
+def fmt_pair(box, mask):
+    return f"{fmt_value(box)}/{fmt_value(mask)}"
+
+
+def select_det_cell(rows, model, ptq, bits, compensation, dataset="coco"):
+    matches = [row for row in rows if row.get("task") == "detection" and row.get("dataset") == dataset
+               and row.get("model") == model and row.get("ptq") == ptq and bits_label(row) == bits
+               and row.get("compensation") == compensation]
+    return newest(matches)
+
+
+def build_coco_table(spec, rows):
+    """COCO table (``task: detection`` in the reference file): AP box / AP mask per cell, ours and paper."""
+    columns = spec.get("columns", [])
+    paper_fp, paper_values = spec.get("fp") or {}, spec.get("values") or {}
+    header = ["model", "ptq", "FP ours", "FP paper"]
+    for column in columns:
+        name = column_name(column["bits"], column["compensation"])
+        header += [f"{name} ours", f"{name} paper", f"{name} {DELTA} box"]
+    body = []
+    for model in spec["models"]:
+        ptq = spec["ptq"]
+        det = [row for row in rows if row.get("task") == "detection" and row.get("dataset") == "coco"
+               and row.get("model") == model and get_metric(row, "fp_metrics", "bbox_mAP") is not None]
+        fp_row = newest(det)
+        fp = paper_fp.get(model) or [None, None]
+        line = [model, ptq, fmt_pair(get_metric(fp_row, "fp_metrics", "bbox_mAP"), get_metric(fp_row, "fp_metrics", "segm_mAP")),
+                fmt_pair(*fp)]
+        for column in columns:
+            row = select_det_cell(rows, model, ptq, column["bits"], column["compensation"])
+            box, mask = get_metric(row, "metrics", "bbox_mAP"), get_metric(row, "metrics", "segm_mAP")
+            paper = (paper_values.get(model) or {}).get(cell_key(column["bits"], column["compensation"])) or [None, None]
+            line += [fmt_pair(box, mask), fmt_pair(*paper), fmt_delta(box, paper[0])]
+        body.append(line)
+    return header, body
+
+
+def build_embedded_detection_table(rows):
+    """Embedded detection runs (task detection, dataset not coco): AP box / AP mask per compensation."""
+    rows = [row for row in rows if row.get("task") == "detection" and row.get("dataset") != "coco"]
+    compensations = compensation_order({str(row.get("compensation")) for row in rows})
+    groups = {}
+    for row in rows:
+        groups.setdefault(group_key(row), []).append(row)
+    header = ["model", "ptq", "bits", "FP AP box/mask"]
+    header += [f"{COMP_LABELS.get(name, '+' + name)} AP box/mask" for name in compensations]
+    body = []
+    for key in sorted(groups, key=group_sort_key):
+        group = groups[key]
+        fp_row = newest([row for row in group if get_metric(row, "fp_metrics", "bbox_mAP") is not None])
+        line = [key[0], key[1], key[2].upper(),
+                fmt_pair(get_metric(fp_row, "fp_metrics", "bbox_mAP"), get_metric(fp_row, "fp_metrics", "segm_mAP"))]
+        for name in compensations:
+            row = newest([row for row in group if str(row.get("compensation")) == name])
+            line.append(fmt_pair(get_metric(row, "metrics", "bbox_mAP"), get_metric(row, "metrics", "segm_mAP")))
+        body.append(line)
+    return header, body
+
+
 # --------------------------------------------------------------------------- writers
 
 
@@ -628,7 +693,8 @@ def main(argv=None):
 
     written = []
     for name, spec in reference.items():
-        header, body = build_paper_table(spec, rows)
+        build = build_coco_table if spec.get("task") == "detection" else build_paper_table
+        header, body = build(spec, rows)
         written += write_table(args.out, name, spec.get("title", name), header, body)
 
     clip = load_reference_block(args.reference, "clip_zeroshot")
@@ -651,6 +717,9 @@ def main(argv=None):
     written += write_table(args.out, "embedded_seeds",
                            "Embedded benchmark over calibration seeds: mean ± std, paired difference to the base",
                            header, body)
+    header, body = build_embedded_detection_table(rows)
+    written += write_table(args.out, "embedded_detection",
+                           "Embedded detection runs (shapes), AP box / AP mask", header, body)
     written.append(write_plot(args.out, rows))
 
     if args.show:

@@ -326,6 +326,7 @@ ADAPTERS: list[tuple[str, str, str]] = [
     ("timm.models.swin_transformer", "SwinTransformer", "qwt.models.timm_swin:TimmSwinAdapter"),
     ("timm.models.resnet", "ResNet", "qwt.models.resnet:TimmResNetAdapter"),
     ("transformers.models.llama.modeling_llama", "LlamaForCausalLM", "qwt.models.llama:LlamaAdapter"),
+    ("mmdet.models.detectors.two_stage", "TwoStageDetector", "qwt.models.mmdet_swin:MMDetSwinAdapter"),
 ]
 
 

@@ -28,6 +28,8 @@ SOURCES = {
     "open_clip": "qwt.models.open_clip:build_clip_module",
     "open_clip_embedded": "qwt.models.open_clip:build_clip_module",
     "hf_llama": "qwt.models.hf_llama:build_llama",  # transformers LlamaForCausalLM: checkpoints and the embedded LLaMA
+    "mmdet": "qwt.models.mmdet_zoo:build_mmdet",
+    "mmdet_embedded": "qwt.models.mmdet_zoo:build_mmdet_embedded",
 }
 
 

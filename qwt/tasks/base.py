@@ -21,6 +21,7 @@ TASKS = {
     "classification": "qwt.tasks.classification:ClassificationTask",
     "zeroshot": "qwt.tasks.zeroshot:ZeroShotTask",
     "language": "qwt.tasks.language:LanguageModelingTask",
+    "detection": "qwt.tasks.detection:DetectionTask",
 }
 
 
