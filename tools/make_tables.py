@@ -62,6 +62,7 @@ COMP_LABELS = {
     "qft": "+QFT",
     "qft+qwt": "+QFT+QwT",
     "qft+qwt_v2": "+QFT+QwT-v2",
+    "qwt+qwt_v2": "+QwT+QwT-v2",
 }
 
 
