@@ -260,7 +260,12 @@ def embedded_rows(rows):
 
 
 def zeroshot_mode(row):
-    return ((row.get("config") or {}).get("zeroshot") or {}).get("mode") or (row.get("metrics") or {}).get("mode")
+    """The row's quantization mode; "vision (classifier float)" for the vision-mode ablation."""
+    zs = (row.get("config") or {}).get("zeroshot") or {}
+    mode = zs.get("mode") or (row.get("metrics") or {}).get("mode")
+    if mode == "vision" and zs.get("quantize_classifier", True) is False:
+        return "vision (classifier float)"
+    return mode
 
 
 MODE_LABELS = {"vision": "vision-only", "vision_text": "vision+text"}

@@ -167,7 +167,8 @@ class ZeroShotCLIP(AdaptedModel):
     adapter_class = "qwt.models.open_clip:OpenCLIPAdapter"
     MODES = ("vision", "vision_text")
 
-    def __init__(self, clip: nn.Module, class_tokens: torch.Tensor, mode: str = "vision", patch_input_bits: int | None = 8):
+    def __init__(self, clip: nn.Module, class_tokens: torch.Tensor, mode: str = "vision", patch_input_bits: int | None = 8,
+                 quantize_classifier: bool = True):
         super().__init__()
         if mode not in self.MODES:
             raise ConfigError(f"zero-shot mode={mode!r}: use vision (visual tower + classifier quantized) or "
@@ -182,6 +183,7 @@ class ZeroShotCLIP(AdaptedModel):
         self.clip = clip
         self.mode = mode
         self.patch_input_bits = patch_input_bits
+        self.quantize_classifier = bool(quantize_classifier)  # vision mode only (an ablation when False)
         self.register_buffer("class_tokens", class_tokens.long(), persistent=False)
         embed_dim = int(clip.visual.output_dim)
         self.classifier = nn.Linear(embed_dim, class_tokens.shape[0], bias=False)
@@ -310,7 +312,8 @@ class OpenCLIPAdapter(ModelAdapter):
     def _quantized_prefixes(self) -> list[str]:
         out = ["clip.visual."]
         if self.mode == "vision":
-            out.append("classifier")
+            if getattr(self.model, "quantize_classifier", True):
+                out.append("classifier")
         else:
             out.append(self._text_prefix() + ".")
         return out

@@ -3,7 +3,8 @@ class embeddings built from prompt templates (``task=zeroshot``).
 
 Options (``zeroshot.*``): ``mode`` = vision | vision_text (what is quantized; see
 ``qwt/models/open_clip.py``), ``templates`` = openai (the 80 OpenAI ImageNet templates, from
-open_clip itself) | simple | a list of strings with one ``{}``. Class names: open_clip's ImageNet
+open_clip itself) | simple | a list of strings with one ``{}``, ``quantize_classifier`` (mode
+vision; default true as in the reference, false keeps the classifier float: an ablation). Class names: open_clip's ImageNet
 class names (real data), the digit names (embedded).
 
 Data (``data.name``):
@@ -161,7 +162,8 @@ class ZeroShotTask(Task):
         tokens = self.tokenizer(prompts).reshape(len(names), len(self.templates), -1)
         with torch.no_grad():
             # built on the FP text tower: in mode vision this classifier is what gets quantized
-            model = ZeroShotCLIP(clip, tokens, self.mode, self.model_cfg.get("patch_input_bits", 8))
+            model = ZeroShotCLIP(clip, tokens, self.mode, self.model_cfg.get("patch_input_bits", 8),
+                                 quantize_classifier=bool((self.cfg.get("zeroshot") or {}).get("quantize_classifier", True)))
         return model.eval()
 
     # -- data -------------------------------------------------------------------------------
