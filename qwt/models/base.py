@@ -326,6 +326,7 @@ ADAPTERS: list[tuple[str, str, str]] = [
     ("timm.models.swin_transformer", "SwinTransformer", "qwt.models.timm_swin:TimmSwinAdapter"),
     ("timm.models.resnet", "ResNet", "qwt.models.resnet:TimmResNetAdapter"),
     ("transformers.models.llama.modeling_llama", "LlamaForCausalLM", "qwt.models.llama:LlamaAdapter"),
+    ("diffusers.models.transformers.dit_transformer_2d", "DiTTransformer2DModel", "qwt.models.dit:DiTAdapter"),
 ]
 
 

@@ -28,6 +28,8 @@ def disable_fused_attention(model: nn.Module) -> nn.Module:
 SOURCES = {
     "timm": "qwt.models.zoo:build_timm",
     "embedded": "qwt.models.zoo:load_or_train_embedded",
+    "diffusers_dit": "qwt.models.dit:build_real_dit",
+    "embedded_dit": "qwt.models.dit:build_embedded_dit",
 }
 
 
