@@ -92,6 +92,12 @@ def load_reference(path):
         return yaml.safe_load(f)["tables"]
 
 
+def load_generation_reference(path):
+    """The ``generation`` block of the reference file (DiT FID numbers), {} if absent."""
+    with Path(path).open(encoding="utf-8") as f:
+        return yaml.safe_load(f).get("generation") or {}
+
+
 # --------------------------------------------------------------------------- row helpers
 
 
@@ -233,7 +239,9 @@ def build_paper_table(spec, rows):
 
 
 def embedded_rows(rows):
-    return [row for row in rows if row.get("dataset") != "imagenet"]
+    """Embedded classification rows (other task families have their own tables)."""
+    return [row for row in rows if row.get("dataset") != "imagenet"
+            and row.get("task", "classification") == "classification"]
 
 
 def compensation_order(names):
@@ -269,6 +277,50 @@ def build_embedded_table(rows):
         for name in compensations:
             matches = [row for row in group if str(row.get("compensation")) == name]
             line.append(fmt_value(get_metric(newest(matches), "metrics", "top1")))
+        body.append(line)
+    return header, body
+
+
+# --------------------------------------------------------------------------- DiT generation table
+
+
+def fmt_fid(row, block="metrics"):
+    """'FID ± sd (IS)' of a generation row (sd: over sampling seeds)."""
+    fid = get_metric(row, block, "fid")
+    if fid is None:
+        return MISSING
+    sd = get_metric(row, block, "fid_std")
+    isc = get_metric(row, block, "isc")
+    out = f"{fid:.2f}" + (f" ± {sd:.2f}" if sd else "")
+    return out + (f" (IS {isc:.2f})" if isc is not None else "")
+
+
+def build_dit_table(rows, paper):
+    """One line per (model, dataset, ptq, bits): FP, then each compensation ('FID ± sd (IS)'),
+    newest row wins; then the paper's numbers (``generation`` block of the reference file)."""
+    rows = [row for row in rows if row.get("task") == "generation"]
+    compensations = compensation_order({str(row.get("compensation")) for row in rows} | set(paper.get("compensations", [])))
+    groups = {}
+    for row in rows:
+        key = (str(row.get("model")), str(row.get("dataset")), str(row.get("ptq")), bits_label(row) or "?")
+        groups.setdefault(key, []).append(row)
+    header = ["model", "data", "ptq", "bits", "samples", "FP FID"] + [f"{COMP_LABELS.get(n, '+' + n)} FID" for n in compensations]
+    body = []
+    for key in sorted(groups):
+        group = groups[key]
+        fp_row = newest([row for row in group if get_metric(row, "fp_metrics", "fid") is not None])
+        n = get_metric(newest(group), "metrics", "num_samples")
+        line = list(key[:3]) + [key[3].upper(), str(int(n)) if n else MISSING, fmt_fid(fp_row, "fp_metrics") if fp_row else MISSING]
+        for name in compensations:
+            match = newest([row for row in group if str(row.get("compensation")) == name])
+            line.append(fmt_fid(match) if match else MISSING)
+        body.append(line)
+    for model, spec in (paper.get("values") or {}).items():
+        line = [f"{model} (paper)", "imagenet", str(paper.get("ptq", "?")), str(paper.get("bits", "?")).upper(),
+                str(paper.get("samples", MISSING)), MISSING]
+        for name in compensations:
+            v = spec.get(name)
+            line.append(f"{v:.2f}" if v is not None else MISSING)
         body.append(line)
     return header, body
 
@@ -421,6 +473,9 @@ def main(argv=None):
     written += write_table(args.out, "embedded",
                            "Embedded runs (non-ImageNet), top-1", header, body)
     written.append(write_plot(args.out, rows))
+    header, body = build_dit_table(rows, load_generation_reference(args.reference))
+    written += write_table(args.out, "dit", "DiT generation: FID (± sd over sampling seeds, IS), lower is better",
+                           header, body)
 
     for path in written:
         print(path)
