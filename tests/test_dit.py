@@ -266,3 +266,19 @@ def test_missing_real_inputs_fail_early(tmp_path):
         build_real_dit({"checkpoint": str(tmp_path / "nope")})
     with pytest.raises(ConfigError, match="DiT-XL-2-256"):
         build_real_dit({"hub_id": "facebook/DiT-XL-2-256"})
+
+
+def test_real_builder_loads_a_local_pipeline_folder(tmp_path):
+    """model.checkpoint = a diffusers DiT folder (transformer/ + vae/), with the original numerics."""
+    from diffusers import AutoencoderKL
+
+    from qwt.models.dit import DiTGenerator, build_real_dit
+
+    tr = tiny_dit(in_ch=4, out_ch=8, classes=1000, size=8, patch=2, layers=1)
+    tr.save_pretrained(tmp_path / "transformer")
+    AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4, layers_per_block=1).save_pretrained(tmp_path / "vae")
+    g = build_real_dit({"checkpoint": str(tmp_path)})
+    assert isinstance(g, DiTGenerator) and g.vae is not None and g.scaling_factor == 0.18215
+    assert g.transformer.transformer_blocks[0].norm1.emb.time_proj.downscale_freq_shift == 0
+    img = torch.rand(1, 3, 8, 8) * 2 - 1
+    assert g.decode(g.encode(img)).shape == img.shape
