@@ -282,3 +282,30 @@ def test_real_builder_loads_a_local_pipeline_folder(tmp_path):
     assert g.transformer.transformer_blocks[0].norm1.emb.time_proj.downscale_freq_shift == 0
     img = torch.rand(1, 3, 8, 8) * 2 - 1
     assert g.decode(g.encode(img)).shape == img.shape
+
+
+def test_real_calibration_from_an_imagenet_folder(tmp_path):
+    """ImageNet train images: center crop, [-1, 1], VAE-encoded x scale, real labels, t = 0."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from qwt.models.dit import DiTGenerator
+    from qwt.tasks.generation import GenerationTask
+
+    for split in ("train", "val"):
+        for c in ("n01", "n02"):
+            d = tmp_path / "imnet" / split / c
+            d.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.random.RandomState(i).randint(0, 255, (20, 12, 3), dtype=np.uint8)).save(d / f"{i}.JPEG")
+    (tmp_path / "w.pth").write_text("")
+    (tmp_path / "ref").mkdir()
+    cfg = {"seed": 0, "data": {"name": "imagenet", "root": str(tmp_path / "imnet")}, "model": {"name": "dit_xl_2"},
+           "generation": {"feature_extractor_weights_path": str(tmp_path / "w.pth"), "reference": str(tmp_path / "ref"),
+                          "image_size": 8, "samples_dir": str(tmp_path / "s")}}
+    task = GenerationTask(cfg, torch.device("cpu"), log=lambda *a: None)
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4, layers_per_block=1).eval()
+    task.model = DiTGenerator(tiny_dit(in_ch=4, out_ch=8, classes=1000, size=8, patch=2, layers=1), vae, 0.18215, 1000)
+    (x, t, y), = task.calibration(4, "train", 4)
+    assert x.shape == (4, 4, 8, 8) and t.tolist() == [0] * 4 and sorted(y.tolist()) == [0, 0, 1, 1]

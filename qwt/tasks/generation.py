@@ -139,6 +139,7 @@ class GenerationTask(Task):
         if not isinstance(model, DiTGenerator):
             raise ConfigError(f"task=generation needs a DiT model (model=dit_embedded or dit_xl_2), got {type(model).__name__}")
         self.model = model
+        self._digest = self.weights_digest(model)  # part of the samples' folder key (retrained weights: new samples)
         return model
 
     # -- calibration --------------------------------------------------------------------------
@@ -276,7 +277,7 @@ class GenerationTask(Task):
     # -- sampling -----------------------------------------------------------------------------
     def _row_dir(self, desc: str, seed: int) -> Path:
         c = self.cfg
-        what = {"model": c["model"], "generation": {k: self.g[k] for k in ("num_samples", "sampler", "chunk_size")},
+        what = {"model": c["model"], "weights": getattr(self, "_digest", None), "generation": {k: self.g[k] for k in ("num_samples", "sampler", "chunk_size")},
                 "data": c["data"]["name"]}
         variant = desc.replace("eval ", "")
         if variant != "fp":
