@@ -266,7 +266,7 @@ def train_embedded_dit(cfg: dict, log=print) -> tuple[dict, dict]:
             d = min(decay, (1 + step) / (10 + step))
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.mul_(d).add_(pm.detach(), alpha=1 - d)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % 200 == 0:
             log(f"step {step + 1}/{steps} loss {sum(losses[-200:]) / 200:.4f} ({time.time() - t0:.0f}s)")
     return ema.state_dict(), {"final_loss_200": round(sum(losses[-200:]) / min(200, len(losses)), 5), "steps": steps}

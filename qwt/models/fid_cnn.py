@@ -59,7 +59,7 @@ def train_fid_cnn(cfg: dict, log=print) -> tuple[dict, dict]:
         opt.step()
         sched.step()
         if (step + 1) % 200 == 0:
-            log(f"step {step + 1}/{steps} loss {float(loss):.3f} ({time.time() - t0:.0f}s)")
+            log(f"step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
     model.eval()
     with torch.no_grad():
         acc = float((model(xe).argmax(-1) == ye).float().mean()) * 100
