@@ -13,6 +13,9 @@ from .errors import ConfigError
 VARIANT_SETS = ("all", "paper", "none", "qwt", "qwt_star", "qwt_v2", "qft")
 CALIBRATED = ("qwt", "qwt_v2", "qft")  # methods with their own calibration set (qwt_star uses qwt's)
 MAX_W_BITS = 16
+# calibration transforms: train / eval (every task); sampling (generation: points of the FP model's own
+# sampling trajectories, Q-DiT's calibration); a task refuses the ones it does not have
+CALIB_TRANSFORMS = ("train", "eval", "sampling")
 
 
 def _int(c: dict, path: str, lo: int | None = None, hi: int | None = None, allow_none: bool = False):
@@ -87,15 +90,15 @@ def check_config(c: dict) -> None:
     if ptq.get("name") != "fp":
         _int(c, "ptq.num_samples", 1)
         _int(c, "ptq.batch_size", 1)
-        if ptq.get("calib_transform") not in ("train", "eval"):
-            raise ConfigError(f"ptq.calib_transform={ptq.get('calib_transform')!r}: use train or eval")
+        if ptq.get("calib_transform") not in CALIB_TRANSFORMS:
+            raise ConfigError(f"ptq.calib_transform={ptq.get('calib_transform')!r}: use train or eval (generation also: sampling)")
     used = {s for v in variants for s in parse_variant(v)}
     for m in CALIBRATED:
         if m in used or (m == "qwt" and "qwt_star" in used):
             _int(c, f"compensation.{m}.num_samples", 1)
             _int(c, f"compensation.{m}.batch_size", 1)
-            if (_get(c, f"compensation.{m}.calib_transform") or "train") not in ("train", "eval"):
-                raise ConfigError(f"compensation.{m}.calib_transform={_get(c, f'compensation.{m}.calib_transform')!r}: use train or eval")
+            if (_get(c, f"compensation.{m}.calib_transform") or "train") not in CALIB_TRANSFORMS:
+                raise ConfigError(f"compensation.{m}.calib_transform={_get(c, f'compensation.{m}.calib_transform')!r}: use train or eval (generation also: sampling)")
     if "qft" in used:
         _int(c, "compensation.qft.epochs", 1)
     if "qwt_star" in used:

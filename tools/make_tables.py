@@ -110,6 +110,12 @@ def load_reference_block(path, key):
         return (yaml.safe_load(f) or {}).get(key)
 
 
+def load_generation_reference(path):
+    """The ``generation`` block of the reference file (DiT FID numbers), {} if absent."""
+    with Path(path).open(encoding="utf-8") as f:
+        return yaml.safe_load(f).get("generation") or {}
+
+
 # --------------------------------------------------------------------------- row helpers
 
 
@@ -555,6 +561,50 @@ def build_embedded_detection_table(rows):
     return header, body
 
 
+# --------------------------------------------------------------------------- DiT generation table
+
+
+def fmt_fid(row, block="metrics"):
+    """'FID ± sd (IS)' of a generation row (sd: over sampling seeds)."""
+    fid = get_metric(row, block, "fid")
+    if fid is None:
+        return MISSING
+    sd = get_metric(row, block, "fid_std")
+    isc = get_metric(row, block, "isc")
+    out = f"{fid:.2f}" + (f" ± {sd:.2f}" if sd else "")
+    return out + (f" (IS {isc:.2f})" if isc is not None else "")
+
+
+def build_dit_table(rows, paper):
+    """One line per (model, dataset, ptq, bits): FP, then each compensation ('FID ± sd (IS)'),
+    newest row wins; then the paper's numbers (``generation`` block of the reference file)."""
+    rows = [row for row in rows if row.get("task") == "generation"]
+    compensations = compensation_order({str(row.get("compensation")) for row in rows} | set(paper.get("compensations", [])))
+    groups = {}
+    for row in rows:
+        key = (str(row.get("model")), str(row.get("dataset")), str(row.get("ptq")), bits_label(row) or "?")
+        groups.setdefault(key, []).append(row)
+    header = ["model", "data", "ptq", "bits", "samples", "FP FID"] + [f"{COMP_LABELS.get(n, '+' + n)} FID" for n in compensations]
+    body = []
+    for key in sorted(groups):
+        group = groups[key]
+        fp_row = newest([row for row in group if get_metric(row, "fp_metrics", "fid") is not None])
+        n = get_metric(newest(group), "metrics", "num_samples")
+        line = list(key[:3]) + [key[3].upper(), str(int(n)) if n else MISSING, fmt_fid(fp_row, "fp_metrics") if fp_row else MISSING]
+        for name in compensations:
+            match = newest([row for row in group if str(row.get("compensation")) == name])
+            line.append(fmt_fid(match) if match else MISSING)
+        body.append(line)
+    for model, spec in (paper.get("values") or {}).items():
+        line = [f"{model} (paper)", "imagenet", str(paper.get("ptq", "?")), str(paper.get("bits", "?")).upper(),
+                str(paper.get("samples", MISSING)), MISSING]
+        for name in compensations:
+            v = spec.get(name)
+            line.append(f"{v:.2f}" if v is not None else MISSING)
+        body.append(line)
+    return header, body
+
+
 # --------------------------------------------------------------------------- writers
 
 
@@ -727,6 +777,9 @@ def main(argv=None):
     written += write_table(args.out, "embedded_detection",
                            "Embedded detection runs (shapes), AP box / AP mask", header, body)
     written.append(write_plot(args.out, rows))
+    header, body = build_dit_table(rows, load_generation_reference(args.reference))
+    written += write_table(args.out, "dit", "DiT generation: FID (± sd over sampling seeds, IS), lower is better",
+                           header, body)
 
     if args.show:
         md = args.out / f"{args.show}.md"

@@ -327,6 +327,7 @@ ADAPTERS: list[tuple[str, str, str]] = [
     ("timm.models.resnet", "ResNet", "qwt.models.resnet:TimmResNetAdapter"),
     ("transformers.models.llama.modeling_llama", "LlamaForCausalLM", "qwt.models.llama:LlamaAdapter"),
     ("mmdet.models.detectors.two_stage", "TwoStageDetector", "qwt.models.mmdet_swin:MMDetSwinAdapter"),
+    ("diffusers.models.transformers.dit_transformer_2d", "DiTTransformer2DModel", "qwt.models.dit:DiTAdapter"),
 ]
 
 

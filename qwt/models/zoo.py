@@ -30,6 +30,8 @@ SOURCES = {
     "hf_llama": "qwt.models.hf_llama:build_llama",  # transformers LlamaForCausalLM: checkpoints and the embedded LLaMA
     "mmdet": "qwt.models.mmdet_zoo:build_mmdet",
     "mmdet_embedded": "qwt.models.mmdet_zoo:build_mmdet_embedded",
+    "diffusers_dit": "qwt.models.dit:build_real_dit",
+    "embedded_dit": "qwt.models.dit:build_embedded_dit",
 }
 
 

@@ -8,7 +8,7 @@ import importlib
 from ..errors import ConfigError
 from .common import FLOAT_ACT_BITS, NUMERICS_DEFAULT, MethodSpecs, apply_ptq
 
-PTQ_METHODS = ("rtn", "percentile", "repq_vit", "hist_w8a8", "gptq")
+PTQ_METHODS = ("rtn", "percentile", "repq_vit", "hist_w8a8", "gptq", "qdit")
 
 
 def get_specs(name: str, w_bits: int, a_bits: int, numerics: dict | None = None, **options) -> MethodSpecs:

@@ -22,6 +22,7 @@ TASKS = {
     "zeroshot": "qwt.tasks.zeroshot:ZeroShotTask",
     "language": "qwt.tasks.language:LanguageModelingTask",
     "detection": "qwt.tasks.detection:DetectionTask",
+    "generation": "qwt.tasks.generation:GenerationTask",
 }
 
 
