@@ -6,6 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python run.py -m model=embedded_vit,embedded_resnet ptq=rtn,percentile,repq_vit bits=w4a4,w6a6,w4a8 "$@"
+python run.py -m model=embedded_vit,embedded_resnet ptq=rtn,percentile,repq_vit bits=w4a4,w6a6,w4a8 "compensation.variants=[none,qwt,qwt_v2]" "$@"
 
 python tools/make_tables.py

@@ -47,8 +47,8 @@ def config_key(config: dict, variant: str, weights: str | None = None) -> str:
     comp = relevant.pop("compensation", None) or {}
     methods = {m: comp.get(m) for m in parse_variant(variant)}
     data = relevant.get("data")
-    if isinstance(data, dict):  # where the dataset lives does not change the result
-        relevant["data"] = {k: v for k, v in data.items() if k != "root"}
+    if isinstance(data, dict):  # where the datasets live (data.root, data.*_root) does not change the result
+        relevant["data"] = {k: v for k, v in data.items() if k != "root" and not k.endswith("_root")}
     model = relevant.get("model")
     if isinstance(model, dict):
         relevant["model"] = {k: v for k, v in model.items() if k != "cache_dir"}

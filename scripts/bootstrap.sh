@@ -14,6 +14,6 @@ fi
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ]; then
   echo "[bootstrap] installing qwt and pinned dependencies into $VENV (first time: a few minutes, ~6 GB for torch)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[test,zoo]"
+  "$VENV/bin/python" -m pip install -q -e ".[test,zoo,deploy]"
   echo "$HASH" > "$STAMP"
 fi

@@ -1,5 +1,4 @@
 """Shared fixtures: tiny random timm models of every family, and the embedded model config."""
-import os
 import sys
 from pathlib import Path
 
@@ -62,17 +61,21 @@ def tiny_resnet():
 
 
 def embedded_model_cfg(name="embedded_vit") -> dict:
-    """The embedded model config as the runner sees it (cache dir resolved like Hydra does)."""
-    cfg = yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text())
-    cfg["cache_dir"] = os.environ.get("QWT_CACHE", "~/.cache/qwt")
-    return cfg
+    """The embedded model config as the runner sees it."""
+    return yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text())
+
+
+def embedded_data_cfg(**over) -> dict:
+    from qwt.tasks.classification import embedded_data_cfg as cfg
+
+    return cfg(**over)
 
 
 @pytest.fixture(scope="session")
 def embedded_vit():
-    """The trained embedded ViT (trained once, cached) and its digits data."""
+    """The embedded ViT with its shipped weights, and its data (digits in the wild)."""
     from qwt.models.zoo import build_model
     from qwt.tasks.classification import build_data
 
     cfg = embedded_model_cfg("embedded_vit")
-    return build_model(cfg), build_data({"name": "digits"}, cfg)
+    return build_model(cfg), build_data(embedded_data_cfg(), cfg)

@@ -59,10 +59,9 @@ def run_qwt(out: Path):
     from qwt.models import adapter_for
     from qwt.models.zoo import build_model
     from qwt.ptq import apply_ptq, get_specs
-    from qwt.tasks.classification import build_data, calibration_batches
+    from qwt.tasks.classification import build_data, calibration_batches, embedded_data_cfg
 
     model_cfg = yaml.safe_load((ROOT / "configs" / "model" / "embedded_vit.yaml").read_text())
-    model_cfg["cache_dir"] = os.environ.get("QWT_CACHE", "~/.cache/qwt")
     comp_cfg = method_settings()["qwt"]
     comp_cfg.update(num_samples=int(os.environ.get("QWT_TEST_CALIB", "128")), batch_size=32,
                     calib_transform=os.environ.get("QWT_TEST_TRANSFORM", "train"))
@@ -71,7 +70,7 @@ def run_qwt(out: Path):
     torch.manual_seed(seed)
     dtype = torch.float64 if os.environ.get("QWT_TEST_DTYPE", "float64") == "float64" else torch.float32
     model = build_model(model_cfg, log=lambda *_: None).to(dtype)
-    data = build_data({"name": "digits"}, model_cfg)
+    data = build_data(embedded_data_cfg(), model_cfg)
     fp_adapter = adapter_for(model)
     q_adapter = fp_adapter.clone()
 

@@ -32,7 +32,7 @@ WORKER = ROOT / "tests" / "dist_worker.py"
 TIMEOUT_S = 300
 
 PIPELINE_OVERRIDES = [
-    "model=embedded_vit", "data=digits", "ptq=rtn", "bits=w4a4", "logger=none",  # stage 1 is not sharded: RTN keeps it cheap
+    "model=embedded_vit", "data=digits_wild", "ptq=rtn", "bits=w4a4", "logger=none",  # stage 1 is not sharded: RTN keeps it cheap
     "compensation.variants=[none,qwt,qwt_v2]",
     "compensation.qwt.num_samples=128", "compensation.qwt_v2.num_samples=128",
     "data.val_subset=200", "runtime.threads=1", "runtime.device=cpu", "results.skip_finished=false",
@@ -89,7 +89,7 @@ class Launch:
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
     """Start every child at once; tests wait on the ones they need."""
-    ensure_embedded_model()
+    ensure_embedded_data()
     tmp = tmp_path_factory.mktemp("dist")
     run_py = ROOT / "run.py"
     common = [*PIPELINE_OVERRIDES]
@@ -106,15 +106,13 @@ def launches(tmp_path_factory):
             v.kill()
 
 
-def ensure_embedded_model():
-    """Train / cache the embedded ViT once before four processes would all try to."""
-    from conftest import embedded_model_cfg
+def ensure_embedded_data():
+    """Generate / cache the embedded benchmark once before four processes would all do it."""
+    from conftest import embedded_data_cfg, embedded_model_cfg
 
-    from qwt.models.zoo import build_model, embedded_cache_path
+    from qwt.tasks.classification import build_data
 
-    cfg = embedded_model_cfg("embedded_vit")
-    if not embedded_cache_path(cfg).is_file():
-        build_model(cfg)
+    build_data(embedded_data_cfg(), embedded_model_cfg("embedded_vit"))
 
 
 def load_worker():

@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from conftest import ROOT, make_tiny_resnet, make_tiny_swin, make_tiny_vit
+from conftest import make_tiny_resnet, make_tiny_swin, make_tiny_vit
 from qwt.compensation import CompContext, apply_variant, method_settings
 from qwt.compensation.qwt import QwTBlock
 from qwt.engine import LayerwiseEngine, run_chain

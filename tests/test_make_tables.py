@@ -196,3 +196,23 @@ def test_reference_numbers():
             assert set(table["values"][model]) == keys
             assert all(isinstance(v, float) for v in table["values"][model].values())
             assert isinstance(table["fp"][model], float)
+
+
+def test_seed_table_reports_mean_std_and_paired_differences():
+    rows = []
+    for seed, (b_top1, b_mse, q_top1, q_mse) in enumerate([(80.0, 0.30, 82.0, 0.20), (81.0, 0.32, 81.5, 0.25), (79.0, 0.28, 82.5, 0.30)]):
+        common = dict(exp="embedded_default", dataset="digits_wild", model="embedded_vit", seed=seed,
+                      fp_metrics={"top1": 90.0})
+        rows.append(run_row(compensation="none", metrics={"top1": b_top1, "logit_mse": b_mse}, **common))
+        rows.append(run_row(compensation="qwt", metrics={"top1": q_top1, "logit_mse": q_mse}, **common))
+    rows.append(run_row(exp="other", dataset="digits_wild", model="embedded_vit", compensation="none", seed=0,
+                        metrics={"top1": 1.0}))  # one seed only: not in the seed table
+    header, body = make_tables.build_seed_table(rows)
+    assert len(body) == 3 and all(line[0] == "embedded_default" for line in body)
+    fp, base, qwt = body
+    assert fp[4] == "FP" and fp[6] == "90.00 ± 0.00"
+    assert base[4] == "base" and base[6] == "80.00 ± 1.00" and base[7] == ""
+    # paired: +2.0, +0.5, +3.5 -> mean 2.0, sample std 1.5
+    assert qwt[4] == "+QwT" and qwt[7] == "2.00 ± 1.50"
+    # paired MSE: -0.10, -0.07, +0.02 -> mean -0.05, sample std 0.0624; seed 2: 0.30 > 0.28
+    assert qwt[9] == "-0.0500 ± 0.0624" and qwt[10] == "no"

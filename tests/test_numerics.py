@@ -19,7 +19,7 @@ from qwt.ptq import NUMERICS_DEFAULT, apply_ptq, get_specs
 from qwt.ptq.common import NUMERICS_KEYS, calibrate_activations
 from qwt.quant import QuantLinear, QuantSpec, quantize_model, set_quant_state
 from qwt.quant.modules import Quantizer
-from qwt.quant.observers import compute_qparams, torch_quantiles
+from qwt.quant.observers import torch_quantiles
 from qwt.quant.patch import LayerQuant
 from qwt.quant.quantizer import fake_quant_log_sqrt2, qparams_from_range
 

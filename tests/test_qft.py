@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from conftest import make_tiny_resnet, make_tiny_swin, make_tiny_vit
 from qwt.compensation import CompContext, apply_variant, method_settings, qft

@@ -4,11 +4,9 @@ import copy
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import ROOT, make_tiny_vit
+from conftest import make_tiny_vit
 from qwt.compensation import CompContext, apply_variant, extra_params, method_settings
-from qwt.compensation import qwt_v2
 from qwt.compensation.qwt_v2 import ChannelStats, fit_layer, fold_affine, fold_all
 from qwt.engine import LayerwiseEngine
 from qwt.models import adapter_for
@@ -75,8 +73,8 @@ def test_every_layer_is_compensated(case):
     _, _, folded, info_f, unfolded, info_u = case
     n_layers = len(layers(folded.model))
     assert n_layers == 2 * 4 + 2  # patch_embed.proj, 4 Linears per block, head
-    assert info_f == {"layers_folded": n_layers, "layers_unfolded": 0, "target": "local"}
-    assert info_u == {"layers_folded": 0, "layers_unfolded": n_layers, "target": "local"}
+    assert info_f == {"layers_folded": n_layers, "layers_unfolded": 0, "target": "global"}
+    assert info_u == {"layers_folded": 0, "layers_unfolded": n_layers, "target": "global"}
     for _, m in layers(unfolded.model):
         assert m.out_gamma is not None and m.out_beta is not None
     for _, m in layers(folded.model):
@@ -176,10 +174,13 @@ def test_gain_offset_is_per_channel_least_squares(case):
     assert (g_ref - 1).abs().max() > 1e-3  # non-trivial gains
 
 
-def test_each_layer_is_fitted_on_its_compensated_upstream(case):
-    """In the final unfolded model every layer's (gamma, beta) is the per-channel least-squares fit
-    of FP output on quantized output, on the input produced by the compensated upstream layers."""
-    _, _, _, _, unfolded, _ = case
+def test_each_layer_is_fitted_on_its_compensated_upstream_local_target(case):
+    """target=local: in the final unfolded model every layer's (gamma, beta) is the per-channel
+    least-squares fit of the float layer's output on the quantized layer's output, both on the
+    input produced by the compensated upstream layers."""
+    fp_adapter, q_adapter, _, _, _, _ = case
+    unfolded, info = compensate(q_adapter, fp_adapter, fold=False, target="local")
+    assert info["target"] == "local"
     model = unfolded.model
     inputs = random_calib(N_CALIB, "train", BATCH)
     rows = {}
@@ -270,7 +271,7 @@ def test_per_tensor_weights_fold_by_becoming_per_channel():
         assert m.w_quant.spec.granularity == "channel" and m.w_quant.scale.shape[0] == m.weight.shape[0]
         assert m.w_quant.spec.symmetric and float(m.w_quant.zero.abs().max()) == 0.0  # still symmetric integer weights
     unfolded, info_u = compensate(q_adapter, fp_adapter, fold=True, unfoldable="keep_unfolded")
-    assert info_u == {"layers_folded": 0, "layers_unfolded": n_layers, "target": "local"}
+    assert info_u == {"layers_folded": 0, "layers_unfolded": n_layers, "target": "global"}
     assert extra_params(unfolded.model) > 0
     with torch.no_grad():
         y_f, y_u, y_q = folded.model(TEST_X), unfolded.model(TEST_X), q_adapter.model(TEST_X)
@@ -280,6 +281,49 @@ def test_per_tensor_weights_fold_by_becoming_per_channel():
         compensate(q_adapter, fp_adapter, fold=True, unfoldable="error")
     with pytest.raises(ValueError, match="unfoldable"):
         compensate(q_adapter, fp_adapter, unfoldable="sometimes")
+
+
+def test_global_target_fits_each_layer_to_the_float_models_output(case):
+    """target=global (default): every layer's (gamma, beta) is the per-channel least-squares fit of
+    the FP model's output of that layer (the float chain on the same images) on the quantized
+    layer's output along the compensated quantized chain."""
+    fp, _, _, _, unfolded, info = case
+    assert info["target"] == "global"
+    inputs = random_calib(N_CALIB, "train", BATCH)
+    fp_rows, q_rows = {}, {}
+
+    def recorder(store, own_affine_excluded):
+        def hook(mod, args, out):
+            if own_affine_excluded:
+                x = args[0]
+                xq = mod.in_quant(x) if mod.a_on and mod.in_quant is not None else x
+                out = mod._op(xq, mod.quant_weight(), mod.bias)
+            dim = getattr(mod, "out_channel_dim", 1 if isinstance(mod, torch.nn.Conv2d) else -1)
+            store.setdefault(hook.name, []).append(out.movedim(dim, -1).reshape(-1, out.shape[dim]))
+        return hook
+
+    handles = []
+    for name, m in layers(unfolded.model):
+        h = recorder(q_rows, True)
+        h.name = name
+        handles.append(m.register_forward_hook(h))
+    for name, m in fp.model.named_modules():
+        if name in dict(layers(unfolded.model)):
+            h = recorder(fp_rows, False)
+            h.name = name
+            handles.append(m.register_forward_hook(h))
+    with torch.no_grad():
+        for x in inputs:
+            unfolded.forward(x)
+            fp.forward(x)
+    for h in handles:
+        h.remove()
+    for name, m in layers(unfolded.model):
+        yh, y = torch.cat(q_rows[name]).double(), torch.cat(fp_rows[name]).double()
+        g_ref, b_ref = _lstsq_gain_offset(yh, y)
+        scale = float(y.abs().max())
+        torch.testing.assert_close(m.out_gamma.double(), g_ref, rtol=1e-3, atol=1e-4, msg=name)
+        torch.testing.assert_close(m.out_beta.double(), b_ref, rtol=1e-3, atol=1e-4 * scale, msg=name)
 
 
 def test_segment_layers_are_in_forward_order(case):

@@ -47,12 +47,11 @@ def build(args):
     if args.model == "embedded_vit":
         import os
 
-        from qwt.tasks.classification import build_data, calibration_batches
+        from qwt.tasks.classification import build_data, calibration_batches, embedded_data_cfg
 
         cfg = load_yaml("model/embedded_vit.yaml")
-        cfg["cache_dir"] = os.environ.get("QWT_CACHE", "~/.cache/qwt")
         model = build_model(cfg)
-        data = build_data({"name": "digits"}, cfg)
+        data = build_data(embedded_data_cfg(), cfg)
 
         def calib(n, transform, batch_size, shard=False):
             return [b for b, _ in calibration_batches(data, n, transform, batch_size, args.seed, "cpu", shard=shard)]
@@ -61,7 +60,7 @@ def build(args):
         idx = [i % n_val for i in range(args.batch)]
         x = torch.stack([data.val[i][0] for i in idx])
         k = cfg["kwargs"]
-        desc = f"embedded_vit (trained on digits; dim {k['embed_dim']}, depth {k['depth']}, {(k['img_size'] // k['patch_size']) ** 2 + 1} tokens)"
+        desc = f"embedded_vit (digits in the wild; dim {k['embed_dim']}, depth {k['depth']}, {(k['img_size'] // k['patch_size']) ** 2 + 1} tokens)"
         return model, calib, x, desc
     if args.model == "deit_tiny_random":
         from timm.models.vision_transformer import VisionTransformer

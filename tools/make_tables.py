@@ -17,6 +17,14 @@ Outputs (in --out):
     "Δ" (ours − paper, signed, 1 decimal). Missing cells show as "—".
   * embedded.md / embedded.tex: every row whose dataset is not "imagenet" (the embedded digits
     runs), grouped by (model, ptq, bits): FP top-1, then one top-1 column per compensation.
+  * embedded_seeds.md / .tex: the embedded groups run over several calibration seeds (the
+    `seed` option): per method, top-1 and logit MSE as mean ± std over seeds, and the paired
+    difference to the base of the same seed (mean ± std), and whether the logit MSE is below the
+    base's on every seed.
+  * clip_zeroshot.md / .tex: CLIP zero-shot ImageNet (block ``clip_zeroshot`` of the reference
+    file), one line per quantization mode (vision-only, vision+text); rows with task "zeroshot",
+    dataset "imagenet_cc3m", mode from the row's config.zeroshot.mode.
+  * clip_embedded.md / .tex: the embedded CLIP zero-shot runs, per (model, ptq, bits, mode).
   * top1_vs_bits.png: top-1 vs bit-width of the embedded runs, one subplot per model, one line
     per (ptq, compensation).
 
@@ -90,6 +98,12 @@ def load_runs(path):
 def load_reference(path):
     with Path(path).open(encoding="utf-8") as f:
         return yaml.safe_load(f)["tables"]
+
+
+def load_reference_block(path, key):
+    """A top-level block of the reference file other than ``tables`` (e.g. clip_zeroshot), or None."""
+    with Path(path).open(encoding="utf-8") as f:
+        return (yaml.safe_load(f) or {}).get(key)
 
 
 # --------------------------------------------------------------------------- row helpers
@@ -233,7 +247,62 @@ def build_paper_table(spec, rows):
 
 
 def embedded_rows(rows):
-    return [row for row in rows if row.get("dataset") != "imagenet" and row.get("task", "classification") == "classification"]
+    """Classification rows on the embedded benchmark (not ImageNet)."""
+    return [row for row in rows if row.get("task", "classification") == "classification"
+            and row.get("dataset") != "imagenet"]
+
+
+# --------------------------------------------------------------------------- CLIP zero-shot
+
+
+def zeroshot_mode(row):
+    return ((row.get("config") or {}).get("zeroshot") or {}).get("mode") or (row.get("metrics") or {}).get("mode")
+
+
+MODE_LABELS = {"vision": "vision-only", "vision_text": "vision+text"}
+
+
+def build_clip_table(spec, rows):
+    """Paper table: one line per mode; FP and every (bits, compensation) column as ours / paper / Δ."""
+    model, ptq = spec["model"], spec["ptq"]
+    mine = [row for row in rows if row.get("task") == "zeroshot" and row.get("dataset") == "imagenet_cc3m"
+            and row.get("model") == model and row.get("ptq") == ptq]
+    header = ["model", "mode", "FP ours", "FP paper", f"FP {DELTA}"]
+    for column in spec["columns"]:
+        name = column_name(column["bits"], column["compensation"])
+        header += [f"{name} ours", f"{name} paper", f"{name} {DELTA}"]
+    body = []
+    for mode in spec["modes"]:
+        of_mode = [row for row in mine if zeroshot_mode(row) == mode]
+        fp = get_metric(newest([r for r in of_mode if get_metric(r, "fp_metrics", "top1") is not None]), "fp_metrics", "top1")
+        line = [model, MODE_LABELS.get(mode, mode), fmt_value(fp), fmt_value(spec.get("fp")), fmt_delta(fp, spec.get("fp"))]
+        for column in spec["columns"]:
+            bits, comp = column["bits"], column["compensation"]
+            row = newest([r for r in of_mode if bits_label(r) == bits and r.get("compensation") == comp])
+            ours = get_metric(row, "metrics", "top1")
+            paper = ((spec.get("values") or {}).get(mode) or {}).get(cell_key(bits, comp))
+            line += [fmt_value(ours), fmt_value(paper), fmt_delta(ours, paper)]
+        body.append(line)
+    return header, body
+
+
+def build_clip_embedded_table(rows):
+    """Embedded zero-shot runs: one line per (model, ptq, bits, mode); FP top-1, then top-1 per compensation."""
+    mine = [row for row in rows if row.get("task") == "zeroshot" and row.get("dataset") != "imagenet_cc3m"]
+    comps = compensation_order({str(row.get("compensation")) for row in mine})
+    groups = {}
+    for row in mine:
+        groups.setdefault(group_key(row) + (str(zeroshot_mode(row)),), []).append(row)
+    header = ["model", "ptq", "bits", "mode", "FP top-1"] + [f"{COMP_LABELS.get(c, '+' + c)} top-1" for c in comps]
+    body = []
+    for key in sorted(groups, key=lambda k: group_sort_key(k[:3]) + (k[3],)):
+        group = groups[key]
+        fp = get_metric(newest([r for r in group if get_metric(r, "fp_metrics", "top1") is not None]), "fp_metrics", "top1")
+        line = [key[0], key[1], key[2].upper(), MODE_LABELS.get(key[3], key[3]), fmt_value(fp)]
+        for c in comps:
+            line.append(fmt_value(get_metric(newest([r for r in group if str(r.get("compensation")) == c]), "metrics", "top1")))
+        body.append(line)
+    return header, body
 
 
 def compensation_order(names):
@@ -270,6 +339,71 @@ def build_embedded_table(rows):
             matches = [row for row in group if str(row.get("compensation")) == name]
             line.append(fmt_value(get_metric(newest(matches), "metrics", "top1")))
         body.append(line)
+    return header, body
+
+
+# --------------------------------------------------------------------------- embedded, over seeds
+
+
+def mean_std(values):
+    n = len(values)
+    if n == 0:
+        return None, None
+    m = sum(values) / n
+    sd = (sum((v - m) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return m, sd
+
+
+def fmt_ms(values, digits=2):
+    m, sd = mean_std(values)
+    if m is None:
+        return MISSING
+    return f"{m:.{digits}f} ± {sd:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
+
+
+def seed_groups(rows):
+    """{(exp, model, ptq, bits): {compensation: {seed: newest row}}} of the embedded rows."""
+    groups = {}
+    for row in embedded_rows(rows):
+        bits = bits_label(row)
+        if bits is None:
+            continue
+        key = (str(row.get("exp", "default")), str(row.get("model")), str(row.get("ptq")), bits)
+        per_seed = groups.setdefault(key, {}).setdefault(str(row.get("compensation")), {})
+        seed = row.get("seed", 0)
+        if seed not in per_seed or finished_time(row) >= finished_time(per_seed[seed]):
+            per_seed[seed] = row
+    return groups
+
+
+def build_seed_table(rows, min_seeds=2):
+    """Mean ± std over calibration seeds of top-1 and logit MSE (to FP), and each method's paired
+    difference to the base (same seed, same stage-1 model), for every group run over at least
+    ``min_seeds`` seeds."""
+    header = ["exp", "model", "ptq", "bits", "method", "seeds", "top-1", "Δ top-1 vs base (paired)",
+              "logit MSE", "Δ logit MSE vs base (paired)", "MSE below base on every seed"]
+    body = []
+    for key in sorted(seed_groups(rows), key=lambda k: (k[0], k[1], k[2], parse_bits(k[3]))):
+        comps = seed_groups(rows)[key]
+        base = comps.get("none", {})
+        if len(base) < min_seeds:
+            continue
+        fp_top1 = [get_metric(r, "fp_metrics", "top1") for r in base.values()]
+        body.append(list(key) + ["FP", str(len(base)), fmt_ms([v for v in fp_top1 if v is not None]), "", "", "", ""])
+        for name in compensation_order(comps):
+            per_seed = comps[name]
+            seeds = sorted(s for s in per_seed if s in base)
+            top1 = [get_metric(per_seed[s], "metrics", "top1") for s in seeds]
+            mse = [get_metric(per_seed[s], "metrics", "logit_mse") for s in seeds]
+            d_top1 = [t - get_metric(base[s], "metrics", "top1") for s, t in zip(seeds, top1) if t is not None]
+            d_mse = [m - get_metric(base[s], "metrics", "logit_mse") for s, m in zip(seeds, mse)
+                     if m is not None and get_metric(base[s], "metrics", "logit_mse") is not None]
+            label = COMP_LABELS.get(name, "+" + name)
+            below = "" if name == "none" or not d_mse else ("yes" if all(d < 0 for d in d_mse) else "no")
+            body.append(list(key) + [label, str(len(seeds)), fmt_ms([t for t in top1 if t is not None]),
+                                     "" if name == "none" else fmt_ms(d_top1),
+                                     fmt_ms([m for m in mse if m is not None], 4),
+                                     "" if name == "none" else fmt_ms(d_mse, 4), below])
     return header, body
 
 
@@ -379,6 +513,7 @@ def latex_escape(text):
         DELTA: r"$\Delta$",
         MISSING: "--",
         "*": r"$^*$",
+        "±": r"$\pm$",
     }
     return "".join(replacements.get(char, char) for char in text)
 
@@ -479,6 +614,8 @@ def parse_args(argv):
                         help="paper numbers (default: results/paper_reference.yaml)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="output folder (default: results/tables)")
+    parser.add_argument("--print", dest="show", default=None, metavar="TABLE",
+                        help="also print one table's Markdown (e.g. embedded_seeds) instead of the file list")
     return parser.parse_args(argv)
 
 
@@ -494,6 +631,12 @@ def main(argv=None):
         header, body = build_paper_table(spec, rows)
         written += write_table(args.out, name, spec.get("title", name), header, body)
 
+    clip = load_reference_block(args.reference, "clip_zeroshot")
+    if clip:
+        header, body = build_clip_table(clip, rows)
+        written += write_table(args.out, "clip_zeroshot", clip.get("title", "clip_zeroshot"), header, body)
+    header, body = build_clip_embedded_table(rows)
+    written += write_table(args.out, "clip_embedded", "Embedded CLIP zero-shot runs, top-1", header, body)
     for name, spec in load_language_reference(args.reference).items():
         header, body = build_llama_table(spec, rows)
         written += write_table(args.out, name, spec.get("title", name), header, body)
@@ -504,10 +647,20 @@ def main(argv=None):
     header, body = build_embedded_table(rows)
     written += write_table(args.out, "embedded",
                            "Embedded runs (non-ImageNet), top-1", header, body)
+    header, body = build_seed_table(rows)
+    written += write_table(args.out, "embedded_seeds",
+                           "Embedded benchmark over calibration seeds: mean ± std, paired difference to the base",
+                           header, body)
     written.append(write_plot(args.out, rows))
 
-    for path in written:
-        print(path)
+    if args.show:
+        md = args.out / f"{args.show}.md"
+        if not md.is_file():
+            raise SystemExit(f"make_tables: --print {args.show}: no such table (written: {sorted(p.stem for p in written)})")
+        print(md.read_text(encoding="utf-8"))
+    else:
+        for path in written:
+            print(path)
     return written
 
 

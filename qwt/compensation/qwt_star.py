@@ -1,7 +1,8 @@
 """QwT*: QwT, then train only the compensation branches and the task head for ``epochs`` over the
 training set with the task's supervised loss (classification: cross-entropy) + ``mse_weight`` x
 MSE(quantized features, float features) (the adapter's ``features``: pre-head features); AdamW,
-weight decay 0, constant lr (reference default 5e-7), no mixup."""
+weight decay 0, constant lr (reference default 5e-7), no mixup. ``max_steps`` (optional) caps the
+number of optimizer steps (the embedded default: a PTQ-sized budget on its 32k training images)."""
 from __future__ import annotations
 
 import torch
@@ -37,8 +38,13 @@ def apply(ctx: CompContext, cfg: dict) -> dict:
     set_quant_state(adapter.model, True, True)
     adapter.model.eval()  # BN / dropout in inference mode: only the chosen parameters change
     losses = []
+    max_steps = cfg.get("max_steps")
     for _ in range(int(cfg["epochs"])):
+        if max_steps is not None and len(losses) >= int(max_steps):
+            break
         for x, y in tqdm(ctx.train_batches(int(cfg["batch_size"])), desc="qwt*", disable=not dist.is_main(), leave=False):
+            if max_steps is not None and len(losses) >= int(max_steps):
+                break
             with torch.no_grad():
                 f_fp = fp.features(run_chain(fp, x)[0])
             s, _ = run_chain(adapter, x)

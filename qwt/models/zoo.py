@@ -1,13 +1,10 @@
 """Build the float model named by the model config (``model.source``): timm hub / local
-checkpoints, the embedded models trained here, or a family's own builder registered in
+checkpoints, the embedded models (shipped weights), or a family's own builder registered in
 ``SOURCES`` (imported only when that source is used)."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -27,7 +24,9 @@ def disable_fused_attention(model: nn.Module) -> nn.Module:
 # model.source -> "module:function(model_cfg, log) -> nn.Module"
 SOURCES = {
     "timm": "qwt.models.zoo:build_timm",
-    "embedded": "qwt.models.zoo:load_or_train_embedded",
+    "embedded": "qwt.models.zoo:load_embedded",
+    "open_clip": "qwt.models.open_clip:build_clip_module",
+    "open_clip_embedded": "qwt.models.open_clip:build_clip_module",
     "hf_llama": "qwt.models.hf_llama:build_llama",  # transformers LlamaForCausalLM: checkpoints and the embedded LLaMA
 }
 
@@ -119,64 +118,56 @@ def embedded_arch(model_cfg: dict) -> nn.Module:
     raise ConfigError(f"model.arch={model_cfg['arch']!r} is unknown for embedded models: use vit or resnet")
 
 
-def embedded_cache_path(model_cfg: dict) -> Path:
-    key = json.dumps({k: model_cfg[k] for k in ("arch", "kwargs", "train", "input_size")}, sort_keys=True, default=str)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    cache = Path(os.path.expanduser(str(model_cfg.get("cache_dir") or "~/.cache/qwt")))
-    return cache / f"{model_cfg['name']}-{digest}.pt"
+def load_embedded(model_cfg: dict, log=print) -> nn.Module:
+    """An embedded model with its shipped weights (``qwt/models/weights/``; never trained here:
+    ``python tools/train_embedded.py <name>`` retrains explicitly)."""
+    from .shipped import load_shipped
 
-
-def load_or_train_embedded(model_cfg: dict, log=print) -> nn.Module:
-    path = embedded_cache_path(model_cfg)
-    with torch.random.fork_rng(devices=[]):  # initialization seeded too; the caller's RNG untouched
-        torch.manual_seed(int(model_cfg["train"]["seed"]))
-        model = embedded_arch(model_cfg)
-    if path.is_file():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model
-    log(f"[qwt] training embedded model {model_cfg['name']} (once; cached at {path})")
-    t0 = time.time()
-    with torch.random.fork_rng(devices=[]):
-        train_embedded(model, model_cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
-    log(f"[qwt] trained {model_cfg['name']} in {time.time() - t0:.1f}s")
+    state, meta = load_shipped(model_cfg["name"])
+    model = embedded_arch(model_cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"the shipped weights of {model_cfg['name']} do not fit configs/model/{model_cfg['name']}.yaml "
+                          f"(architecture changed since training?): retrain with python tools/train_embedded.py "
+                          f"{model_cfg['name']}  ({str(e).splitlines()[0][:160]})") from e
     return model
 
 
-def train_embedded(model: nn.Module, model_cfg: dict) -> None:
-    """Deterministic training on the digits training split (AdamW, one-cycle, label smoothing)."""
-    tc = model_cfg["train"]
-    # float reductions depend on the thread count: train with a fixed one so the model is the same
-    # on every machine with the same torch build (it is part of the cache key)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(tc.get("threads", 1)))
-    try:
-        _train(model, tc, model_cfg)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(model: nn.Module, tc: dict, model_cfg: dict) -> None:
+def train_embedded_classifier(model_cfg: dict, log=print) -> tuple[dict, dict]:
+    """Train an embedded classifier on the generated benchmark (``train.data``: the data config it
+    trains on; AdamW, one-cycle, label smoothing, seeded, the config's thread count). The
+    trainer entry of ``tools/train_embedded.py``; returns (state dict, training log)."""
     from torch.utils.data import DataLoader
 
-    from ..tasks.classification import DigitsDataset, digits_split
+    from ..tasks.classification import build_data, evaluate
 
-    torch.manual_seed(int(tc["seed"]))
-    (xtr, ytr), _ = digits_split()
-    ds = DigitsDataset(xtr, ytr, int(model_cfg["input_size"][-1]), train_aug=True, seed=int(tc["seed"]))
-    loader = DataLoader(ds, batch_size=int(tc["batch_size"]), shuffle=True, generator=torch.Generator().manual_seed(int(tc["seed"])))
-    opt = torch.optim.AdamW(model.parameters(), lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
-    steps = int(tc["epochs"]) * len(loader)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(tc["lr"]), total_steps=steps, pct_start=0.1)
-    model.train()
-    for _ in range(int(tc["epochs"])):
-        for x, y in loader:
-            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    tc = model_cfg["train"]
+    data = build_data(dict(tc["data"], val_subset=None), model_cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(tc["seed"]))
+        model = embedded_arch(model_cfg)
+        loader = DataLoader(data.train, batch_size=int(tc["batch_size"]), shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(int(tc["seed"])))
+        opt = torch.optim.AdamW(model.parameters(), lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
+        steps = int(tc["epochs"]) * len(loader)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(tc["lr"]), total_steps=steps, pct_start=float(tc.get("warmup", 0.1)))
+        history = []
+        t0 = time.time()
+        for ep in range(int(tc["epochs"])):
+            model.train()
+            tot, n = 0.0, 0
+            for x, y in loader:
+                loss = F.cross_entropy(model(x), y, label_smoothing=float(tc.get("label_smoothing", 0.1)))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                tot, n = tot + float(loss) * len(y), n + len(y)
+            model.eval()
+            top1 = evaluate(model, data, 512, "cpu")[0]["top1"] if (ep + 1) % int(tc.get("eval_every", 1)) == 0 or ep + 1 == int(tc["epochs"]) else None
+            history.append({"epoch": ep + 1, "train_loss": round(tot / max(1, n), 4), "eval_top1": top1, "seconds": round(time.time() - t0, 1)})
+            log(f"[train {model_cfg['name']}] epoch {ep + 1}/{tc['epochs']} loss {tot / max(1, n):.4f}"
+                + (f" eval top-1 {top1:.2f}" if top1 is not None else "") + f" ({time.time() - t0:.0f}s)")
     model.eval()
+    return model.state_dict(), {"history": history, "eval_top1": history[-1]["eval_top1"], "steps": steps}

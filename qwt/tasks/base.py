@@ -19,6 +19,7 @@ from ..models.base import ModelAdapter, adapter_for
 # task name -> "module:Class" (imported only when selected)
 TASKS = {
     "classification": "qwt.tasks.classification:ClassificationTask",
+    "zeroshot": "qwt.tasks.zeroshot:ZeroShotTask",
     "language": "qwt.tasks.language:LanguageModelingTask",
 }
 

@@ -1,4 +1,5 @@
-"""Image classification: data (embedded digits or an ImageNet folder) and the top-1 evaluator.
+"""Image classification: data (the embedded "digits in the wild" or an ImageNet folder) and the
+evaluator (top-1, agreement with FP, and the logit distances to FP).
 
 ImageNet uses timm's data pipeline (``timm.data.ImageDataset`` + ``create_transform``) with the
 per-family preprocessing of the model config (mean, std, crop_pct, interpolation). A batch (what
@@ -26,37 +27,54 @@ IMAGENET_LAYOUT = (
 
 
 # ---------------------------------------------------------------------------------------------
-# embedded digits (scikit-learn ships them): 1797 8x8 grey images, 10 classes
+# the embedded benchmark: "digits in the wild" (qwt/data/digits_wild.py), generated and cached
 
 
-class DigitsDataset(Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, size: int, train_aug: bool, seed: int = 0):
-        self.images, self.labels, self.size, self.train_aug = images, labels, size, train_aug
-        self.gen = torch.Generator().manual_seed(seed)
+class GeneratedImages(Dataset):
+    """uint8 images (N, C, S, S) and labels -> (float image in [-1, 1], label)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
-        x = self.images[i]  # (1, 8, 8) in [-1, 1]
-        if self.train_aug:  # random shift of up to 1 pixel
-            dx, dy = torch.randint(-1, 2, (2,), generator=self.gen).tolist()
-            x = torch.roll(F.pad(x, (1, 1, 1, 1), value=-1.0), shifts=(dy, dx), dims=(1, 2))[:, 1:-1, 1:-1]
-        if self.size != 8:
-            x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
-        return x, int(self.labels[i])
+        return self.images[i].float() / 127.5 - 1.0, int(self.labels[i])
 
 
-def digits_split(val_fraction: float = 0.25, seed: int = 0):
-    from sklearn.datasets import load_digits
+def embedded_data_cfg(**over) -> dict:
+    """configs/data/digits_wild.yaml as the runner sees it (cache dir resolved as Hydra does), for
+    tools and tests that build the embedded data outside Hydra."""
+    from pathlib import Path
 
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_val = int(round(len(y) * val_fraction))
-    val, train = perm[:n_val], perm[n_val:]
-    return (x[train], y[train]), (x[val], y[val])
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "data" / "digits_wild.yaml").read_text())
+    cfg["cache_dir"] = os.environ.get("QWT_CACHE", "~/.cache/qwt")
+    cfg.update(over)
+    return cfg
+
+
+def wild_spec(data_cfg: dict):
+    from ..data.digits_wild import WildSpec
+
+    spec = dict(data_cfg.get("spec") or {})
+    for k in ("glyph_px", "contrast"):
+        if k in spec:
+            spec[k] = tuple(spec[k])
+    try:
+        return WildSpec(**spec)
+    except TypeError as e:
+        raise ConfigError(f"data.spec: {e}; the generator's options are the fields of qwt.data.digits_wild.WildSpec") from e
+
+
+def digits_wild_split(data_cfg: dict, split: str):
+    """(images uint8, labels) of ``split`` (train / eval), generated once and cached."""
+    from ..data.digits_wild import load
+
+    n = int(data_cfg["n_train" if split == "train" else "n_eval"])
+    return load(split, n, wild_spec(data_cfg), int(data_cfg.get("gen_seed", 0)), data_cfg.get("cache_dir"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,15 +114,17 @@ def check_imagenet_root(root) -> None:
 
 def build_data(data_cfg, model_cfg) -> ClassificationData:
     kind = data_cfg["name"]
-    if kind == "digits":
-        (xtr, ytr), (xva, yva) = digits_split(data_cfg.get("val_fraction", 0.25), data_cfg.get("split_seed", 0))
-        size = int(model_cfg["input_size"][-1])
-        return ClassificationData(
-            train=DigitsDataset(xtr, ytr, size, train_aug=True, seed=data_cfg.get("seed", 0)),
-            train_eval_tf=DigitsDataset(xtr, ytr, size, train_aug=False),
-            val=_maybe_subset(DigitsDataset(xva, yva, size, train_aug=False), data_cfg.get("val_subset")),
-            name="digits",
-        )
+    if kind == "digits_wild":
+        train = GeneratedImages(*digits_wild_split(data_cfg, "train"))
+        val = GeneratedImages(*digits_wild_split(data_cfg, "eval"))
+        if tuple(train.images.shape[1:]) != tuple(model_cfg["input_size"]):
+            raise ConfigError(f"data=digits_wild makes {tuple(train.images.shape[1:])} images but model.input_size="
+                              f"{list(model_cfg['input_size'])}: use a model trained on this benchmark (model=embedded_vit, "
+                              "embedded_resnet) or set data.spec.size / data.spec.channels to match")
+        # generated images carry their augmentation (placement, rotation, background): the "train"
+        # and "eval" calibration transforms are the same images
+        return ClassificationData(train=train, train_eval_tf=train, val=_maybe_subset(val, data_cfg.get("val_subset")),
+                                  name="digits_wild")
     if kind == "imagenet":
         from timm.data import ImageDataset, create_transform
 
@@ -127,7 +147,7 @@ def build_data(data_cfg, model_cfg) -> ClassificationData:
             val=_maybe_subset(folder("val", eval_tf), data_cfg.get("val_subset")),
             name="imagenet",
         )
-    raise ConfigError(f"unknown data.name={kind!r}: use one of digits, imagenet (configs/data/)")
+    raise ConfigError(f"unknown data.name={kind!r}: use one of digits_wild, imagenet (configs/data/)")
 
 
 def _maybe_subset(ds, n):
@@ -172,32 +192,47 @@ def calibration_batches(data: ClassificationData, n: int, transform: str, batch_
 
 
 @torch.no_grad()
-def evaluate(forward, data: ClassificationData, batch_size: int, device, num_workers: int = 0, fp_preds: torch.Tensor | None = None, desc: str = "eval"):
-    """Top-1 (and agreement with ``fp_preds``) over the validation set, sharded across ranks.
+def evaluate(forward, data: ClassificationData, batch_size: int, device, num_workers: int = 0, fp_logits: torch.Tensor | None = None, desc: str = "eval"):
+    """Top-1 over the validation set, sharded across ranks; with ``fp_logits`` (the FP model's
+    logits of this rank's shard) also the agreement with the FP predictions and two distances of
+    the logits to FP's, which resolve differences far below one image of top-1:
+      logit_mse  mean over images and classes of (z_q - z_fp)^2
+      logit_kl   mean over images of KL(softmax z_fp || softmax z_q)  (nats)
 
-    Returns (metrics, preds) where preds are this rank's predictions in shard order."""
+    Returns (metrics, logits) where logits are this rank's (float32, on the CPU) in shard order."""
     idx = dist.shard(list(range(len(data.val))))
     loader = DataLoader(Subset(data.val, idx), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    preds, correct = [], 0
+    logits, correct = [], 0
     for x, y in tqdm(loader, desc=desc, disable=not dist.is_main(), leave=False):
-        p = forward(x.to(device)).argmax(-1).cpu()
-        preds.append(p)
-        correct += int((p == y).sum())
-    preds = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
-    stats = torch.tensor([correct, len(idx), 0 if fp_preds is None else int((preds == fp_preds).sum())], dtype=torch.float64)
+        z = forward(x.to(device)).float().cpu()
+        logits.append(z)
+        correct += int((z.argmax(-1) == y).sum())
+    logits = torch.cat(logits) if logits else torch.zeros(0, 0)
+    # sums: correct, count, agree, squared logit error, KL, logit entries
+    stats = torch.tensor([correct, len(idx), 0, 0, 0, logits.numel()], dtype=torch.float64)
+    if fp_logits is not None:
+        d = logits.double() - fp_logits.double()
+        logp_fp, logp_q = F.log_softmax(fp_logits.double(), -1), F.log_softmax(logits.double(), -1)
+        stats[2] = float((logits.argmax(-1) == fp_logits.argmax(-1)).sum())
+        stats[3] = float(d.pow(2).sum())
+        stats[4] = float((logp_fp.exp() * (logp_fp - logp_q)).sum())
     dist.all_reduce_sum(stats)
-    metrics = {"top1": 100.0 * float(stats[0]) / max(1.0, float(stats[1]))}
-    if fp_preds is not None:
-        metrics["agreement"] = 100.0 * float(stats[2]) / max(1.0, float(stats[1]))
-    return metrics, preds
+    n = max(1.0, float(stats[1]))
+    metrics = {"top1": 100.0 * float(stats[0]) / n}
+    if fp_logits is not None:
+        metrics["agreement"] = 100.0 * float(stats[2]) / n
+        metrics["logit_mse"] = float(stats[3]) / max(1.0, float(stats[5]))
+        metrics["logit_kl"] = float(stats[4]) / n
+    return metrics, logits
 
 
 class ClassificationTask(Task):
-    """Top-1 on the validation set (and agreement with the FP model's predictions)."""
+    """Top-1 on the validation set; against the FP model: agreement, logit MSE and KL(FP || Q)."""
 
     name = "classification"
     headline = "top1"
-    table_columns = (("top1", "top-1", "{:.2f}"), ("agreement", "agree", "{:.2f}"))
+    table_columns = (("top1", "top-1", "{:.2f}"), ("agreement", "agree", "{:.2f}"),
+                     ("logit_mse", "logit MSE", "{:.4f}"), ("logit_kl", "KL(FP||Q)", "{:.4f}"))
 
     def __init__(self, cfg, device, log=print):
         super().__init__(cfg, device, log)
@@ -222,4 +257,4 @@ class ClassificationTask(Task):
 
     def evaluate(self, adapter, reference=None, desc="eval"):
         return evaluate(adapter.model, self.data, int(self.rt.get("eval_batch_size", 256)), self.device,
-                        int(self.rt.get("num_workers", 0)), fp_preds=reference, desc=desc)
+                        int(self.rt.get("num_workers", 0)), fp_logits=reference, desc=desc)
