@@ -344,3 +344,15 @@ def test_missing_qa_datasets_fail_early(monkeypatch):
     t.qa_include, t.qa_defaults, t.qa_tasks = None, True, ["piqa"]
     with pytest.raises(ConfigError, match="data.qa.tasks"):
         t._check_qa()
+
+
+def test_unknown_profile_and_duplicate_steps_fail_validation():
+    from qwt.validate import check_config
+
+    base = {"compensation": {"variants": ["none", "qwt@nope"], "qwt": {"profiles": {"local": {"target": "local"}}}},
+            "bits": {"w": 4, "a": 16}}
+    with pytest.raises(ConfigError, match="profiles has no 'nope'"):
+        check_config(base)
+    base["compensation"]["variants"] = ["qwt@local", "qwt@local"]
+    with pytest.raises(ConfigError, match="twice"):
+        check_config(base)

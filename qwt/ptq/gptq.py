@@ -216,7 +216,9 @@ def input_groups(seg, layers) -> list[list]:
     """Consecutive layers (in execution order) that read the same input tensor form one group."""
     seen = []
     wanted = {m for _, m in layers}
-    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((mod, id(args[0]))) if mod in wanted else None)
+    # keep the input tensors themselves (compared by identity): an id() of a tensor freed during the
+    # pass can be reused by a later one, which grouped o_proj with gate/up at random
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0])) if mod in wanted else None)
              for _, m in layers]
     try:
         with torch.no_grad():
@@ -227,15 +229,15 @@ def input_groups(seg, layers) -> list[list]:
     by_mod = {m: n for n, m in layers}
     groups, last_id = [], None
     done = set()
-    for mod, xid in seen:
+    for mod, x in seen:
         if mod in done:
             continue
         done.add(mod)
-        if groups and xid == last_id:
+        if groups and x is last_id:
             groups[-1].append((by_mod[mod], mod))
         else:
             groups.append([(by_mod[mod], mod)])
-        last_id = xid
+        last_id = x
     return groups
 
 
