@@ -142,7 +142,11 @@ def test_torchrun_pipeline_matches_single_process(launches):
     for v in one:
         a, b = one[v], two[v]
         assert a["world_size"] == 1 and b["world_size"] == 2
-        assert a["metrics"] == b["metrics"], f"{v}: {a['metrics']} (1 process) vs {b['metrics']} (torchrun)"
+        # counts are exact; the logit distances are float64 sums reduced across ranks (summation order)
+        exact = ("top1", "agreement")
+        assert {k: a["metrics"][k] for k in exact} == {k: b["metrics"][k] for k in exact}, (v, a["metrics"], b["metrics"])
+        for k in ("logit_mse", "logit_kl"):
+            assert a["metrics"][k] == pytest.approx(b["metrics"][k], rel=1e-9, abs=1e-12), (v, k, a["metrics"], b["metrics"])
         assert a["fp_metrics"] == b["fp_metrics"]
         assert a["extra_params"] == b["extra_params"]
     r2_1, r2_2 = one["qwt"]["compensation_info"]["qwt"]["r2"], two["qwt"]["compensation_info"]["qwt"]["r2"]
