@@ -257,8 +257,11 @@ def test_sigint_stops_with_one_line_and_keeps_the_rows(tmp_path):
     results = tmp_path / "rows.jsonl"
     cmd = [sys.executable, str(ROOT / "run.py"), f"results.path={results}", f"hydra.run.dir={tmp_path}/run",
            "compensation.variants=[none,qft]", "compensation.qft.epochs=200", *FAST]  # QFT runs for minutes: the signal always lands in it
+    # a test runner started in the background (``cmd &`` in a script) ignores SIGINT, and an ignored
+    # signal stays ignored across exec: give the child the default disposition, as a terminal would
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+                         env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.time()
     while time.time() - t0 < 240 and (not results.exists() or not results.read_text().strip()):
         time.sleep(0.5)
