@@ -135,6 +135,25 @@ class PrecondSite:
     entries: list
 
 
+def fused_qkv_value_site(name: str, qkv, proj) -> "PrecondSite | None":
+    """QFT's "v_proj" site of one attention with a fused qkv Linear feeding ``proj`` through
+    attn @ v (linear in v: the softmax weights mix tokens, not channels): the v rows of qkv (its
+    weight, bias and per-channel weight scale) are divided by s, proj's input columns multiplied.
+    None when either Linear is not quantized."""
+    from ..quant.modules import _QuantWeighted
+
+    if not (isinstance(qkv, _QuantWeighted) and isinstance(proj, _QuantWeighted)):
+        return None
+    d = proj.in_features
+    entries = [(qkv, "weight", 0, 2 * d, True)]
+    if qkv.bias is not None:
+        entries.append((qkv, "bias", 0, 2 * d, True))
+    if qkv.per_channel_weight_scale():
+        entries.append((qkv.w_quant, "scale", 0, 2 * d, True))
+    entries.append((proj, "weight", 1, 0, False))
+    return PrecondSite(f"{name}.v", "v_proj", d, entries)
+
+
 class ModelAdapter:
     unit_layout = "channels_last"  # unit inputs/outputs are (..., C); "nchw" for CNN blocks
 

@@ -29,12 +29,11 @@ sites (``norm_linear_pairs``).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 from mmdet.models.backbones.swin import WindowMSA
 
 from ..quant.modules import QuantMatMul
 from ..quant.patch import LayerQuant
-from .base import ModelAdapter, PrecondSite, State, Unit
+from .base import ModelAdapter, PrecondSite, State, Unit, fused_qkv_value_site
 
 META_KEYS = ("img_shape", "ori_shape", "scale_factor")
 
@@ -190,26 +189,11 @@ class MMDetSwinAdapter(ModelAdapter):
 
     def extra_precond(self, sites) -> list[PrecondSite]:
         """QFT's "v_proj" sites: the v part of each window attention's qkv -> its proj."""
-        from ..quant.modules import _QuantWeighted
-
         if "v_proj" not in sites:
             return []
-        out = []
-        for name, m in self.model.named_modules():
-            if not isinstance(m, QuantWindowMSA):
-                continue
-            qkv, proj = m.qkv, m.proj
-            if not (isinstance(qkv, _QuantWeighted) and isinstance(proj, _QuantWeighted)):
-                continue
-            d = proj.in_features
-            entries = [(qkv, "weight", 0, 2 * d, True)]
-            if qkv.bias is not None:
-                entries.append((qkv, "bias", 0, 2 * d, True))
-            if qkv.per_channel_weight_scale():
-                entries.append((qkv.w_quant, "scale", 0, 2 * d, True))
-            entries.append((proj, "weight", 1, 0, False))
-            out.append(PrecondSite(f"{name}.v", "v_proj", d, entries))
-        return out
+        sites_ = (fused_qkv_value_site(n, m.qkv, m.proj) for n, m in self.model.named_modules()
+                  if isinstance(m, QuantWindowMSA))
+        return [site for site in sites_ if site is not None]
 
     def clone(self, memo=None):
         import copy

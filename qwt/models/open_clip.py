@@ -349,25 +349,13 @@ class OpenCLIPAdapter(ModelAdapter):
 
     def extra_precond(self, sites):
         """"v_proj": the v rows of the fused qkv -> out_proj's input columns."""
-        from ..quant.modules import _QuantWeighted
-        from .base import PrecondSite
+        from .base import fused_qkv_value_site
 
         if "v_proj" not in sites:
             return []
-        out = []
-        for u in self.units():
-            qkv, proj = self.get(f"{u.name}.attn.qkv"), self.get(f"{u.name}.attn.out_proj")
-            if not (isinstance(qkv, _QuantWeighted) and isinstance(proj, _QuantWeighted)):
-                continue
-            d = proj.in_features
-            entries = [(qkv, "weight", 0, 2 * d, True)]
-            if qkv.bias is not None:
-                entries.append((qkv, "bias", 0, 2 * d, True))
-            if qkv.per_channel_weight_scale():
-                entries.append((qkv.w_quant, "scale", 0, 2 * d, True))
-            entries.append((proj, "weight", 1, 0, False))
-            out.append(PrecondSite(f"{u.name}.attn.v", "v_proj", d, entries))
-        return out
+        sites_ = (fused_qkv_value_site(f"{u.name}.attn", self.get(f"{u.name}.attn.qkv"), self.get(f"{u.name}.attn.out_proj"))
+                  for u in self.units())
+        return [site for site in sites_ if site is not None]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,8 +89,7 @@ def explicit_attention_count(model: nn.Module) -> int:
 def value_proj_sites(model: nn.Module, sites) -> list:
     """QFT's "v_proj" sites: the v part of a fused qkv Linear -> attn.proj (attention is linear in
     v: the softmax weights mix tokens, not channels)."""
-    from ..quant.modules import _QuantWeighted
-    from .base import PrecondSite
+    from .base import fused_qkv_value_site
 
     if "v_proj" not in sites:
         return []
@@ -99,18 +98,11 @@ def value_proj_sites(model: nn.Module, sites) -> list:
         if not isinstance(m, EXPLICIT):
             continue
         qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
-        if not (isinstance(qkv, _QuantWeighted) and isinstance(proj, _QuantWeighted)):
-            continue
         if not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
             continue  # a norm between attn @ v and proj breaks the linearity
-        d = proj.in_features
-        if qkv.out_features != 3 * d:
+        if proj is None or getattr(qkv, "out_features", None) != 3 * getattr(proj, "in_features", -1):
             continue
-        entries = [(qkv, "weight", 0, 2 * d, True)]
-        if qkv.bias is not None:
-            entries.append((qkv, "bias", 0, 2 * d, True))
-        if qkv.per_channel_weight_scale():
-            entries.append((qkv.w_quant, "scale", 0, 2 * d, True))
-        entries.append((proj, "weight", 1, 0, False))
-        out.append(PrecondSite(f"{name}.v", "v_proj", d, entries))
+        site = fused_qkv_value_site(name, qkv, proj)
+        if site is not None:
+            out.append(site)
     return out
