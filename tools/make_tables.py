@@ -398,8 +398,9 @@ def build_seed_table(rows, min_seeds=2):
     header = ["exp", "model", "ptq", "bits", "method", "seeds", "top-1", "Δ top-1 vs base (paired)",
               "logit MSE", "Δ logit MSE vs base (paired)", "MSE below base on every seed"]
     body = []
-    for key in sorted(seed_groups(rows), key=lambda k: (k[0], k[1], k[2], parse_bits(k[3]))):
-        comps = seed_groups(rows)[key]
+    groups = seed_groups(rows)
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], parse_bits(k[3]))):
+        comps = groups[key]
         base = comps.get("none", {})
         if len(base) < min_seeds:
             continue
